@@ -1,0 +1,3 @@
+"""RMT: Reinforcement Mid-Training of causal language models."""
+
+__version__ = "0.1.0"

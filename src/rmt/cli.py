@@ -1,0 +1,79 @@
+"""`rmt` command line: thin wrappers that build the config and call a stage.
+
+Every command takes ``--config PRESET_OR_YAML`` and any number of dotted overrides
+(``rmt train --config rmt budget.gamma=0.3 train.total_steps=100``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from rmt.config import ConfigError, RMTConfig, config_to_yaml, describe_fields, load_config
+from rmt.errors import RMTError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement Mid-Training of causal language models.")
+console = Console(stderr=True, soft_wrap=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Preset name (rmt, rpt, ntp, rmt-no-dtb, ...) or a YAML file.")
+OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. budget.gamma=0.3 data.path=corpus.jsonl")
+
+
+def _config(config: Optional[str], overrides: Optional[list[str]]) -> RMTConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage; turn the project's own errors into a one-line message and exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except (RMTError, ConfigError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
+
+
+@app.command("config")
+def config_cmd(
+    config: Optional[str] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+    fields: bool = typer.Option(False, "--fields", help="List every field with its default and description."),
+) -> None:
+    """Validate a config and print it as YAML (or list every field)."""
+    if fields:
+        for name, default, desc in describe_fields():
+            sys.stdout.write(f"{name} = {default}\n    {desc}\n")
+        return
+    cfg = _config(config, overrides)
+    sys.stdout.write(config_to_yaml(cfg))
+
+
+@app.command()
+def prepare(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Tokenize a corpus into fixed-length sequences with a seeded train/eval split by document."""
+    from rmt.data.prepare import prepare_corpus
+
+    cfg = _config(config, overrides)
+    _run(prepare_corpus, cfg)
+
+
+@app.command()
+def score(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Score the entropy of every position with a reference model and assign tiers (resumable)."""
+    from rmt.scoring import score_corpus
+
+    cfg = _config(config, overrides)
+    _run(score_corpus, cfg)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()

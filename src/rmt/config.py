@@ -1,0 +1,384 @@
+"""The one typed configuration of the whole pipeline.
+
+Every field carries its default and a description; fields that come from the paper ("Reinforcement
+Mid-Training", arXiv 2509.24375) or from RPT say so. A config is built from a YAML preset plus dotted
+command-line overrides (``budget.gamma=0.3``) and validated before any work starts: unknown keys are
+errors (a typo is never silently ignored) and every error names the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+Probs = tuple[float, float, float]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_probs(name: str, probs: Probs) -> None:
+    if any(p < 0 for p in probs):
+        raise ValueError(f"{name}: tier probabilities must be >= 0, got {list(probs)}")
+    if not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+        raise ValueError(f"{name}: tier probabilities must sum to 1, got {list(probs)} (sum {sum(probs):g})")
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None,
+        description="Hugging Face causal LM: a local folder or a hub name. None = the embedded default's "
+        "base model (built by `rmt pretrain` on first use and cached).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer folder or hub name. None = same as `path`.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you ask.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype when loading. auto = float32 on CPU, bfloat16 on GPUs that support it."
+    )
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel passed to from_pretrained (eager, sdpa, flash_attention_2). None = library default."
+    )
+
+
+class DataConfig(Section):
+    path: str | None = Field(
+        None,
+        description="Corpus: a text file, a folder of .txt files, a .jsonl file, a .parquet file or a saved "
+        "Hugging Face dataset folder. None = the embedded default's mid-training split.",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="Input format; auto = by extension.")
+    text_field: str = Field("text", description="Field holding the document text in JSONL / Parquet / HF datasets.")
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="Undecodable UTF-8 bytes: strict = error naming the file and byte offset; replace = U+FFFD."
+    )
+    seq_len: int = Field(256, ge=8, le=1_000_000, description="Tokens per training sequence (longer documents are chunked).")
+    min_tokens: int = Field(8, ge=2, description="Chunks shorter than this are dropped (a position needs a prefix).")
+    pack: bool = Field(False, description="Pack documents across boundaries into full sequences (off: never cross a boundary).")
+    add_bos: bool = Field(True, description="Start each document with the tokenizer's BOS token when it has one.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document).")
+    seed: int = Field(0, description="Seed of the train/eval split.")
+    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (None = all).")
+    prepared_dir: str = Field(
+        "runs/corpus",
+        description="Where `rmt prepare` writes the tokenized corpus and `rmt score` its scores; shared by every method trained on it.",
+    )
+
+
+class ScoringConfig(Section):
+    reference_model: str | None = Field(
+        None, description="Model that scores entropy. None = the model being trained (the paper); a smaller proxy as in RPT."
+    )
+    entropy: Literal["full", "topk"] = Field(
+        "full", description="full = entropy over the whole vocabulary (RMT); topk = RPT's entropy over the top-k probabilities, renormalised."
+    )
+    top_k: int = Field(16, ge=2, description="k for entropy=topk (RPT uses the top-16 next-token probabilities).")
+    batch_size: int = Field(8, ge=1, description="Sequences per scoring forward pass.")
+    chunk_positions: int = Field(
+        1024, ge=1, description="Positions whose logits are turned into entropies at once: bounds memory at chunk x vocab."
+    )
+    shard_sequences: int = Field(256, ge=1, description="Sequences per written score shard (the unit of resume).")
+    tier_rule: Literal["fixed", "quantile"] = Field("fixed", description="Tier boundaries: fixed thresholds, or quantiles of the corpus' entropies.")
+    thresholds: tuple[float, float, float] = Field(
+        (0.5, 1.0, 1.5),
+        description="Entropy boundaries in nats: below [0] ntp_only, [0,1) easy, [1,2) medium, >= [2] hard (RPT's bins).",
+    )
+    quantiles: tuple[float, float, float] = Field(
+        (0.5, 0.75, 0.9), description="With tier_rule=quantile: the entropy quantiles used as the three boundaries."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ScoringConfig":
+        t = self.thresholds
+        if not (0 <= t[0] < t[1] < t[2]):
+            raise ValueError(f"scoring.thresholds must be increasing and >= 0, got {list(t)}")
+        q = self.quantiles
+        if not (0 <= q[0] < q[1] < q[2] <= 1):
+            raise ValueError(f"scoring.quantiles must be increasing within [0, 1], got {list(q)}")
+        return self
+
+
+class BudgetConfig(Section):
+    enabled: bool = Field(True, description="Put a thinking budget in the prompt and cap generation at 2*B_t + answer allowance.")
+    dynamic: bool = Field(True, description="Decay the budget B_t = max(B_min, floor(B_0 * gamma^(t/T))); off = fixed B_0 (ablation rmt-no-dtb).")
+    b0: int = Field(800, ge=1, description="Initial budget B_0 in thinking tokens (paper: 800).")
+    b_min: int = Field(1, ge=1, description="Floor of the budget B_min (paper: 1).")
+    gamma: float = Field(0.2, gt=0.0, lt=1.0, description="Decay rate gamma in (0, 1): B_T = gamma * B_0 (paper: 0.2).")
+    answer_allowance: int = Field(16, ge=1, description="Tokens allowed after the thinking cap for the closing tag and the answer.")
+
+    @model_validator(mode="after")
+    def _bmin(self) -> "BudgetConfig":
+        if self.b_min > self.b0:
+            raise ValueError(f"budget.b_min must be between 1 and budget.b0={self.b0}, got {self.b_min}")
+        return self
+
+
+class CurriculumConfig(Section):
+    mode: Literal["curriculum", "uniform"] = Field(
+        "curriculum", description="curriculum = p_t moves from p_early to p_late; uniform = equal tier probabilities (ablation rmt-no-cas)."
+    )
+    p_early: Probs = Field((0.6, 0.3, 0.1), description="(easy, medium, hard) before t1. The paper gives no numbers; ours.")
+    p_late: Probs = Field((0.1, 0.3, 0.6), description="(easy, medium, hard) from t2 on. The paper gives no numbers; ours.")
+    t1: float = Field(0.3, gt=0.0, lt=1.0, description="First transition point as a fraction of T (paper: 30%).")
+    t2: float = Field(0.7, gt=0.0, lt=1.0, description="Second transition point as a fraction of T (paper: 70%).")
+    knots: list[tuple[float, Probs]] | None = Field(
+        None, description="General schedule: [(fraction, (easy, medium, hard)), ...], linear between knots. Overrides p_early/p_late/t1/t2."
+    )
+    positions_per_sequence: int = Field(1, ge=1, description="RL positions drawn from each sequence of a batch (at most).")
+    min_prefix: int = Field(4, ge=1, description="Positions before this index are never RL positions (the prompt needs a prefix).")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "CurriculumConfig":
+        _check_probs("curriculum.p_early", self.p_early)
+        _check_probs("curriculum.p_late", self.p_late)
+        if self.t1 >= self.t2:
+            raise ValueError(f"curriculum.t1 must be < curriculum.t2, got t1={self.t1} t2={self.t2}")
+        if self.knots is not None:
+            if not self.knots:
+                raise ValueError("curriculum.knots must hold at least one (fraction, probs) knot")
+            fracs = [k[0] for k in self.knots]
+            if any(not 0 <= f <= 1 for f in fracs) or fracs != sorted(fracs) or len(set(fracs)) != len(fracs):
+                raise ValueError(f"curriculum.knots fractions must be strictly increasing within [0, 1], got {fracs}")
+            for f, p in self.knots:
+                _check_probs(f"curriculum.knots[{f}]", p)
+        return self
+
+
+class PromptConfig(Section):
+    style: Literal["raw", "chat"] = Field("raw", description="raw = base-model template; chat = the tokenizer's chat template (instruct models).")
+    raw_template: str = Field(
+        "{prefix}<think>", description="Raw prompt; {prefix} is the corpus prefix, {budget_text} the rendered budget statement."
+    )
+    raw_budget_text: str = Field("", description="Budget statement for raw prompts, with {budget}; empty = not stated (base models rarely follow it).")
+    raw_answer: Literal["first_token", "boxed", "line"] = Field(
+        "first_token",
+        description="How a raw response's prediction is read after </think>: its first token, the last \\boxed{}, or the rest of the line.",
+    )
+    chat_system: str = Field("", description="System message for chat prompts (empty = none).")
+    chat_user: str = Field(
+        "Predict the next token of the text below. Think inside <think></think>, then give the next token in \\boxed{{}}."
+        "{budget_text}\n\n{prefix}",
+        description="User message for chat prompts; {prefix} and {budget_text} are filled in.",
+    )
+    chat_budget_text: str = Field(
+        " Please use exactly {budget} tokens within <think></think>.", description="Budget sentence of the paper (SPEC section 2)."
+    )
+    think_open: str = Field("<think>", description="Opening thinking marker.")
+    think_close: str = Field("</think>", description="Closing thinking marker.")
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf"] = Field("hf", description="Rollout engine. hf = Hugging Face generate with a shared-prefix KV cache.")
+    group_size: int = Field(8, ge=2, description="G responses per RL position (paper: 8). GRPO needs at least 2.")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature (RPT: 0.8).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    max_response_tokens: int = Field(2048, ge=1, description="Hard cap on response tokens (paper: 2048 for language modelling).")
+    positions_per_batch: int = Field(4, ge=1, description="RL positions generated together in one batched generate call.")
+
+
+class RewardConfig(Section):
+    match: Literal["exact", "prefix"] = Field("exact", description="exact = 1[y == next token] (RMT); prefix = RPT's prefix-matching reward.")
+    strip_leading_space: bool = Field(
+        True, description="Exact match ignores leading whitespace on both sides, so ' the' and 'the' match (BPE tokens carry the space)."
+    )
+    length_weight: float = Field(0.2, ge=0.0, le=1.0, description="w in r = (1-w) r_match + w r_len. The paper gives no number; ours.")
+    r_max: float = Field(1.0, gt=0.0, description="Peak of the triangular length reward. The paper gives no number; ours.")
+
+
+class GRPOConfig(Section):
+    adv_eps: float = Field(1e-6, gt=0.0, description="delta in A = (r - mean) / (std + delta).")
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon (RPT: 0.2).")
+    clip_eps_high: float | None = Field(None, gt=0.0, description="Upper clip range (DAPO's clip-higher); None = clip_eps.")
+    kl_beta: float = Field(0.0, ge=0.0, description="Weight of the k3 KL to a frozen reference model (RPT: 0). >0 loads the reference.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token policy losses are aggregated."
+    )
+    num_iterations: int = Field(1, ge=1, description="mu: policy updates per rollout batch, with the old log-probs kept.")
+
+
+class NTPConfig(Section):
+    weight: float = Field(0.1, ge=0.0, description="lambda in L = L_RL + lambda * L_NTP (paper: 0.1). 0 = ablation rmt-no-ntp.")
+
+
+class TrainConfig(Section):
+    rl: bool = Field(True, description="Run the RL term. Off = continued NTP only (preset ntp).")
+    total_steps: int | None = Field(None, ge=1, description="T, optimizer steps. None = epochs over the training split.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the training split when total_steps is None (paper: 10).")
+    sequences_per_step: int = Field(8, ge=1, description="Corpus sequences per optimizer step (global, over all processes).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; sequences_per_step must divide evenly.")
+    lr: float = Field(1e-6, gt=0.0, description="Learning rate (paper: 1e-6).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (RPT: 0.01).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (RPT: 0.9, 0.999).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm; 0 = no clipping.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision.")
+    seed: int = Field(0, description="Seed of data order, position sampling and rollouts.")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1, description="Metrics every N steps.")
+    sample_every: int = Field(10, ge=1, description="Log a few sample completions every N steps.")
+    max_nonfinite: int = Field(3, ge=1, description="Abort after this many consecutive steps with a non-finite loss or gradient.")
+    tracker: Literal["none", "tensorboard", "wandb", "trackio"] = Field("none", description="Experiment tracker besides metrics.jsonl.")
+
+
+class EvalConfig(Section):
+    positions_per_tier: int = Field(200, ge=1, description="Held-out positions per tier in the fixed evaluation set.")
+    seed: int = Field(1234, description="Seed of the evaluation set (fixed, so every method is judged on the same positions).")
+    budget: int | None = Field(None, ge=1, description="Thinking budget in reasoning mode; None = the run's final B_T.")
+    samples: int = Field(1, ge=1, description="Samples per position; 1 = greedy.")
+    temperature: float = Field(1.0, gt=0.0, description="Temperature when samples > 1.")
+    baseline: str | None = Field(None, description="Name of the checkpoint the relative change is measured against.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/rmt", description="Run directory: checkpoints, metrics.jsonl, config.yaml, report.")
+    overwrite: bool = Field(False, description="Replace an existing run directory made with a different config.")
+
+
+class RMTConfig(Section):
+    """The whole pipeline's configuration."""
+
+    preset: str = Field("rmt", description="Name of the preset this config came from (informational).")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    budget: BudgetConfig = BudgetConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    prompt: PromptConfig = PromptConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    ntp: NTPConfig = NTPConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RMTConfig":
+        if self.train.sequences_per_step % self.train.grad_accum:
+            raise ValueError(
+                f"train.sequences_per_step={self.train.sequences_per_step} must be divisible by "
+                f"train.grad_accum={self.train.grad_accum}"
+            )
+        if not self.train.rl and self.ntp.weight == 0:
+            raise ValueError("train.rl=false with ntp.weight=0 leaves no loss: set ntp.weight > 0 or train.rl=true")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the allowed values."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `rmt config --fields` for every field)"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) or e["type"] == "extra_forbidden" else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{got_s}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value) with the value parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.field=value")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return keys, value
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``rmt``, ``rpt``, ...) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or give a path to a YAML file)")
+    return candidate
+
+
+def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Load a YAML config; ``base: other`` merges it over another preset or file."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through `base`")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = resolve_preset(base) if not Path(base).is_absolute() and not (path.parent / base).is_file() else (
+        Path(base) if Path(base).is_absolute() else path.parent / base
+    )
+    return deep_merge(_load_yaml_with_bases(base_path, seen + (path.resolve(),)), data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RMTConfig:
+    """Preset or YAML file, then dotted overrides, then validation. Raises ConfigError naming the field."""
+    data: dict = {}
+    if config is not None:
+        path = resolve_preset(str(config))
+        data = _load_yaml_with_bases(path)
+        data.setdefault("preset", path.stem)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    try:
+        return RMTConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def config_to_yaml(cfg: RMTConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = RMTConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every leaf field: the reference in docs/config.md."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            rows.append((f"{prefix}{name}", repr(field.default), field.description or ""))
+    return rows

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny tokenizer and a tiny randomly initialised Llama, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_TEXT = [
+    "The cat sat on the mat. 12+7=19 and 3*4=12.",
+    "A quick brown fox jumps over the lazy dog; 5-2=3.",
+    "Mid-training uses raw text: every token is a target. Ünïcödé ok — 日本語 too.",
+    "Numbers like 1234 and 98765 are split into single digits.",
+]
+
+
+def build_tiny_tokenizer(path, texts=TINY_TEXT, vocab_size=300):
+    """Byte-level BPE with individual digits and <think>/</think> as single added tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.add_tokens(["<think>", "</think>"])
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_tiny_model(path, tokenizer, hidden=32, layers=2, heads=2, seed=0, max_pos=512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder holding a tiny Llama and its tokenizer, loadable with from_pretrained."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tiny_tokenizer(path)
+    build_tiny_model(path, tok)
+    return path
