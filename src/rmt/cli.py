@@ -22,6 +22,22 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Preset name (rmt, rpt, nt
 OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. budget.gamma=0.3 data.path=corpus.jsonl")
 
 
+@app.callback()
+def _setup() -> None:
+    """Quiet the libraries' own per-file progress bars; our stages show their own."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _config(config: Optional[str], overrides: Optional[list[str]]) -> RMTConfig:
     try:
         return load_config(config, overrides or [])
@@ -69,10 +85,13 @@ def prepare(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = 
 @app.command()
 def score(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Score the entropy of every position with a reference model and assign tiers (resumable)."""
-    from rmt.scoring import score_corpus
+    from rmt.scoring import format_summary, score_corpus
 
     cfg = _config(config, overrides)
-    _run(score_corpus, cfg)
+    summary = _run(score_corpus, cfg)
+    if summary:
+        sys.stdout.write(format_summary(summary) + "\n")
+        sys.stdout.write(f"saved {cfg.data.prepared_dir}/scores/summary.json\n")
 
 
 def main() -> None:  # pragma: no cover - entry point

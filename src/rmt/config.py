@@ -303,6 +303,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-6" as a string; users mean the number.
+            value = float(value)
+        except ValueError:
+            pass
     return keys, value
 
 

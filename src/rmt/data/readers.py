@@ -1,0 +1,131 @@
+"""Read documents from a corpus on disk: text files, folders, JSONL, Parquet, saved HF datasets.
+
+Each reader yields ``{"text": str, "computed_spans": list[[start, end]]}`` per document. ``computed_spans``
+(character offsets) is optional in the input; the embedded default's generator writes it to mark the values a
+document computes, as opposed to random operands (SPEC section 8). Every problem with the input raises
+``DataError`` naming the file (and line or byte offset) so the user can fix it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from rmt.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md"}
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return "hf"
+        return "text"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    return "text"
+
+
+def _decode(raw: bytes, where: str, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: undecodable bytes at byte offset {e.start} (not UTF-8); "
+            "fix the file or set data.encoding_errors=replace"
+        ) from None
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+    return files
+
+
+def read_text(path: Path, errors: str) -> Iterator[dict]:
+    """One document per text file."""
+    for f in _text_files(path):
+        yield {"text": _decode(f.read_bytes(), str(f), errors), "computed_spans": []}
+
+
+def read_jsonl(path: Path, field: str, errors: str) -> Iterator[dict]:
+    files = [path] if path.is_file() else sorted(path.rglob("*.jsonl"))
+    if not files:
+        raise DataError(f"folder {path} holds no .jsonl files")
+    for f in files:
+        with open(f, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                line = _decode(raw, f"{f}:{lineno}", errors).strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or field not in record:
+                    raise DataError(f"{f}:{lineno}: no field {field!r} (set data.text_field to the field holding the text)")
+                text = record[field]
+                if not isinstance(text, str):
+                    raise DataError(f"{f}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+                yield {"text": text, "computed_spans": _spans(record.get("computed_spans"), f"{f}:{lineno}")}
+
+
+def _spans(spans, where: str) -> list[list[int]]:
+    if spans is None:
+        return []
+    try:
+        return [[int(a), int(b)] for a, b in spans]
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: computed_spans must be a list of [start, end] pairs") from None
+
+
+def read_table(path: Path, fmt: str, field: str) -> Iterator[dict]:
+    """Parquet files or a saved Hugging Face dataset, streamed batch by batch (memory-mapped)."""
+    import datasets
+
+    try:
+        if fmt == "parquet":
+            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+            if not files:
+                raise DataError(f"folder {path} holds no .parquet files")
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{path}: dataset has splits {list(ds)}, none named 'train'")
+                ds = ds["train"]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's error, named
+        raise DataError(f"{path}: cannot read as {fmt}: {e}") from None
+    if field not in ds.column_names:
+        raise DataError(f"{path}: no column {field!r}; columns are {ds.column_names} (set data.text_field)")
+    has_spans = "computed_spans" in ds.column_names
+    for row in ds:
+        text = row[field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}: column {field!r} holds {type(text).__name__}, not strings")
+        yield {"text": text, "computed_spans": _spans(row["computed_spans"], str(path)) if has_spans else []}
+
+
+def read_documents(path: str | Path, fmt: str = "auto", field: str = "text", errors: str = "strict") -> Iterator[dict]:
+    """Documents of a corpus; the path is checked before anything is read."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"corpus not found: {path}")
+    fmt = detect_format(path, fmt)
+    if fmt == "text":
+        return read_text(path, errors)
+    if fmt == "jsonl":
+        return read_jsonl(path, field, errors)
+    return read_table(path, fmt, field)

@@ -1,0 +1,353 @@
+"""`rmt score`: entropy of every position under a reference model, and the tiers (SPEC section 2, step 1).
+
+For position ``pos`` of a sequence (predicting token ``ids[pos]`` from ``ids[:pos]``) the entropy is
+H_pos = -sum_v p(v | ids[:pos]) log p(v | ids[:pos]) in nats, over the full vocabulary (RMT) or over the
+renormalised top-k probabilities (RPT). Position 0 has no prefix: its entropy is NaN and its tier ntp_only.
+
+Scores are written shard by shard (``scores/<split>/shard-NNNNN``, each moved into place only when complete),
+so an interrupted run resumes at the first missing shard. When every shard exists, the tiers are computed and the
+scored corpus ``scored/<split>`` (input_ids, computed, entropy, tier) is written for the trainer and evaluation,
+together with ``scores/summary.json`` (thresholds, tier counts, entropy histogram).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmt.config import RMTConfig, ScoringConfig
+from rmt.errors import DataError, ModelError
+from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, TIER_NAMES
+
+log = logging.getLogger(__name__)
+
+HIST_BIN = 0.25  # nats per histogram bin
+
+
+# --- pure functions -------------------------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: torch.Tensor, mode: str = "full", top_k: int = 16) -> torch.Tensor:
+    """Entropy in nats of the softmax over the last dimension, computed in float32.
+
+    mode="topk": RPT's variant, the entropy of the top-k probabilities renormalised to sum to 1.
+    """
+    logits = logits.float()
+    if mode == "topk":
+        logits = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def assign_tiers(entropy: np.ndarray, eligible: np.ndarray, thresholds: tuple[float, float, float]) -> np.ndarray:
+    """Tier of each position: ntp_only below thresholds[0] or not eligible; then easy / medium / hard.
+
+    easy = [t0, t1), medium = [t1, t2), hard = [t2, inf). NaN entropy (position 0) is ntp_only.
+    """
+    t0, t1, t2 = thresholds
+    entropy = np.asarray(entropy, dtype=np.float64)
+    tiers = np.full(entropy.shape, NTP_ONLY, dtype=np.int8)
+    ok = np.asarray(eligible, dtype=bool) & np.isfinite(entropy)
+    tiers[ok & (entropy >= t0) & (entropy < t1)] = EASY
+    tiers[ok & (entropy >= t1) & (entropy < t2)] = MEDIUM
+    tiers[ok & (entropy >= t2)] = HARD
+    return tiers
+
+
+def eligible_token_table(tokenizer, vocab_size: int) -> np.ndarray:
+    """Per token id: may this token be an RL target? Special tokens and whitespace-only tokens may not."""
+    table = np.ones(vocab_size, dtype=bool)
+    special = set(tokenizer.all_special_ids)
+    for tid in range(min(vocab_size, len(tokenizer))):
+        if tid in special or not tokenizer.decode([tid]).strip():
+            table[tid] = False
+    table[len(tokenizer) :] = False  # padding rows of the embedding matrix
+    return table
+
+
+# --- the model side -------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringConfig) -> list[np.ndarray]:
+    """Entropy per position for a batch of token sequences; memory bounded by chunk_positions x vocab.
+
+    The decoder runs once over the (right-padded) batch; the output head and the softmax run over chunks of
+    valid positions, so the full batch x length x vocabulary logits never exist at once.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    head = model.get_output_embeddings()
+    # hidden[:, p] predicts token p + 1: keep the hidden states of positions 0 .. len-2 of each sequence.
+    predict_mask = mask.clone()
+    predict_mask[torch.arange(len(sequences)), torch.tensor(lengths, device=device) - 1] = 0
+    flat = hidden[predict_mask.bool()]
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=device)
+    for start in range(0, flat.shape[0], scfg.chunk_positions):
+        logits = head(flat[start : start + scfg.chunk_positions])
+        out[start : start + scfg.chunk_positions] = entropy_from_logits(logits, scfg.entropy, scfg.top_k)
+    out = out.cpu().numpy()
+    result, offset = [], 0
+    for n in lengths:
+        ent = np.full(n, np.nan, dtype=np.float32)
+        ent[1:] = out[offset : offset + n - 1]
+        offset += n - 1
+        result.append(ent)
+    return result
+
+
+def _scorer_identity(cfg: RMTConfig, ref_path: str, prep_meta: dict) -> dict:
+    return {
+        "reference_model": ref_path,
+        "entropy": cfg.scoring.entropy,
+        "top_k": cfg.scoring.top_k if cfg.scoring.entropy == "topk" else None,
+        "shard_sequences": cfg.scoring.shard_sequences,
+        "corpus": prep_meta["tokenizer_fingerprint"],
+        "data": prep_meta["data"],
+    }
+
+
+def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, split: str, rank: int, world: int):
+    import datasets
+    from tqdm.auto import tqdm
+
+    scfg = cfg.scoring
+    n = len(split_ds)
+    n_shards = math.ceil(n / scfg.shard_sequences)
+    todo = [i for i in range(n_shards) if i % world == rank and not (out_dir / f"shard-{i:05d}").is_dir()]
+    if not todo:
+        return
+    remaining_tokens = sum(
+        int(sum(len(x) for x in split_ds[i * scfg.shard_sequences : (i + 1) * scfg.shard_sequences]["input_ids"]))
+        for i in todo
+    )
+    bar = tqdm(total=remaining_tokens, desc=f"score {split}", unit="tok", unit_scale=True, disable=rank != 0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for shard in todo:
+        rows = split_ds[shard * scfg.shard_sequences : (shard + 1) * scfg.shard_sequences]["input_ids"]
+        # Longest first within a shard keeps padding low; the order is restored when writing.
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        entropies: list = [None] * len(rows)
+        for b in range(0, len(order), scfg.batch_size):
+            idx = order[b : b + scfg.batch_size]
+            for i, ent in zip(idx, score_batch(model, [rows[i] for i in idx], pad_id, scfg)):
+                entropies[i] = ent
+            bar.update(sum(len(rows[i]) for i in idx))
+        tmp = Path(tempfile.mkdtemp(prefix=f".shard-{shard:05d}.tmp-", dir=out_dir))
+        datasets.Dataset.from_dict(
+            {"entropy": [e.tolist() for e in entropies]},
+            features=datasets.Features({"entropy": datasets.Sequence(datasets.Value("float32"))}),
+        ).save_to_disk(str(tmp / "data"))
+        tmp.rename(out_dir / f"shard-{shard:05d}")  # atomic: a shard is either complete or absent
+    bar.close()
+
+
+def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
+    """Score ``data.prepared_dir`` (resuming), then tier it; returns the summary that is also saved as JSON."""
+    import datasets
+    from accelerate import PartialState
+
+    from rmt.data.prepare import load_meta
+    from rmt.modeling import (
+        check_tokenizer_matches_model,
+        load_model,
+        load_tokenizer,
+        resolve_model_path,
+        resolve_tokenizer_path,
+        tokenizer_fingerprint,
+    )
+
+    prepared = Path(cfg.data.prepared_dir)
+    prep_meta = load_meta(prepared)
+    state = PartialState()
+    ref_path = cfg.scoring.reference_model or (resolve_model_path(cfg) if model is None else "<given>")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != prep_meta["tokenizer_fingerprint"]:
+        raise ModelError(
+            f"the corpus in {prepared} was tokenized with another tokenizer ({prep_meta['tokenizer']}); "
+            "run `rmt prepare` again with this model's tokenizer"
+        )
+    if model is None:
+        model = load_model(ref_path, cfg, state.device)
+    model.eval()
+    check_tokenizer_matches_model(tokenizer, model, where=f"reference model {ref_path}")
+
+    scores_dir = prepared / "scores"
+    identity = _scorer_identity(cfg, ref_path, prep_meta)
+    id_path = scores_dir / "scorer.json"
+    if state.is_main_process:
+        if id_path.is_file() and json.loads(id_path.read_text()) != identity:
+            if not cfg.output.overwrite:
+                raise DataError(
+                    f"{scores_dir} holds scores from another reference model or setting; "
+                    "set output.overwrite=true to score again from scratch"
+                )
+            shutil.rmtree(scores_dir)
+        scores_dir.mkdir(parents=True, exist_ok=True)
+        id_path.write_text(json.dumps(identity, indent=2))
+    state.wait_for_everyone()
+
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    splits = {s: datasets.load_from_disk(str(prepared / s)) for s in ("train", "eval")}
+    for split, ds in splits.items():
+        max_id = max((max(ids) for batch in ds.iter(batch_size=4096) for ids in batch["input_ids"]), default=-1)
+        if max_id >= vocab:
+            raise ModelError(f"corpus split {split} holds token id {max_id} but the reference model has {vocab} rows")
+        _score_split(model, ds, scores_dir / split, cfg, tokenizer.pad_token_id or 0, split, state.process_index, state.num_processes)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    return write_tiers(cfg, tokenizer, vocab, splits)
+
+
+FINE_BIN = 1e-3  # nats: resolution of the quantile boundaries (a histogram scales to any corpus size)
+
+
+def _with_entropies(prepared: Path, split: str, ds):
+    """The prepared split with its ``entropy`` column joined from the score shards."""
+    import datasets
+
+    shard_dir = prepared / "scores" / split
+    shards = sorted(p for p in shard_dir.glob("shard-*") if p.is_dir()) if shard_dir.exists() else []
+    if len(ds) == 0:
+        return ds.add_column("entropy", [])
+    ent = datasets.concatenate_datasets([datasets.load_from_disk(str(p / "data")) for p in shards]) if shards else None
+    if ent is None or len(ent) != len(ds):
+        raise DataError(f"{shard_dir}: {0 if ent is None else len(ent)} scored rows for {len(ds)} sequences (incomplete scoring)")
+    return datasets.concatenate_datasets([ds, ent], axis=1)
+
+
+def _eligible_histogram(ds, table: np.ndarray, max_value: float) -> np.ndarray:
+    """Counts of RL-eligible entropies in FINE_BIN bins, one batch at a time."""
+    counts = np.zeros(int(max_value / FINE_BIN) + 2, dtype=np.int64)
+    for batch in ds.iter(batch_size=1024):
+        for ids, ent in zip(batch["input_ids"], batch["entropy"]):
+            e = np.asarray(ent, dtype=np.float64)
+            e = e[table[np.asarray(ids)] & np.isfinite(e)]
+            np.add.at(counts, np.clip((e / FINE_BIN).astype(np.int64), 0, len(counts) - 1), 1)
+    return counts
+
+
+QUANTILE_SAMPLE = 2_000_000  # eligible entropies kept for the quantile boundaries (all of them in smaller corpora)
+
+
+def _entropy_sample(ds, table: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The eligible entropies of a split, uniformly subsampled to at most ~QUANTILE_SAMPLE values."""
+    total = sum(len(ids) for batch in ds.select_columns(["input_ids"]).iter(batch_size=4096) for ids in batch["input_ids"])
+    rate = min(1.0, QUANTILE_SAMPLE / max(1, total))
+    rng = np.random.default_rng(seed)
+    kept = []
+    for batch in ds.iter(batch_size=1024):
+        for ids, ent in zip(batch["input_ids"], batch["entropy"]):
+            e = np.asarray(ent, dtype=np.float64)
+            e = e[table[np.asarray(ids)] & np.isfinite(e)]
+            kept.append(e if rate == 1.0 else e[rng.random(e.size) < rate])
+    return np.concatenate(kept) if kept else np.zeros(0)
+
+
+def quantile_thresholds(values: np.ndarray, quantiles) -> tuple[float, float, float]:
+    """Tier boundaries at quantiles of the eligible entropies; strictly increasing even when values tie."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise DataError("no eligible positions to compute quantile tier boundaries from")
+    t = np.quantile(values, quantiles)
+    t = np.maximum.accumulate(t + np.arange(3) * 1e-9)
+    return float(t[0]), float(t[1]), float(t[2])
+
+
+def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
+    """Tier every position (the eval split with the boundaries fitted on train) and write scored/<split>."""
+    import datasets
+
+    prepared = Path(cfg.data.prepared_dir)
+    table = eligible_token_table(tokenizer, vocab)
+    joined = {s: _with_entropies(prepared, s, ds) for s, ds in splits.items()}
+    max_h = math.log(max(2, vocab))
+    fine = _eligible_histogram(joined["train"], table, max_h)
+    if cfg.scoring.tier_rule == "quantile":
+        thresholds = quantile_thresholds(_entropy_sample(joined["train"], table, cfg.data.seed), cfg.scoring.quantiles)
+    else:
+        thresholds = tuple(cfg.scoring.thresholds)
+
+    def add_tiers(batch):
+        batch["tier"] = [
+            assign_tiers(np.asarray(e, dtype=np.float64), table[np.asarray(ids)], thresholds)
+            for ids, e in zip(batch["input_ids"], batch["entropy"])
+        ]
+        return batch
+
+    summary = {"thresholds": list(thresholds), "tier_rule": cfg.scoring.tier_rule, "splits": {}}
+    features = None
+    for split, ds in joined.items():
+        features = datasets.Features({**ds.features, "tier": datasets.Sequence(datasets.Value("int8"))})
+        scored = ds.map(add_tiers, batched=True, batch_size=1024, features=features, desc=f"tiers {split}")
+        counts = np.zeros(4, dtype=np.int64)
+        for batch in scored.iter(batch_size=4096):
+            for t in batch["tier"]:
+                counts += np.bincount(np.asarray(t, dtype=np.int64), minlength=4)
+        summary["splits"][split] = {TIER_NAMES[i]: int(counts[i]) for i in range(4)}
+        target = prepared / "scored" / split
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=target.parent))
+        scored.save_to_disk(str(tmp / "data"))
+        old = target.with_name(f".{split}.old") if target.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        (tmp / "data").rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    coarse = int(round(HIST_BIN / FINE_BIN))
+    n_coarse = int(math.ceil(len(fine) / coarse))
+    hist_counts = np.pad(fine, (0, n_coarse * coarse - len(fine))).reshape(n_coarse, coarse).sum(1)
+    summary["histogram"] = {
+        "bin_edges": [round(i * HIST_BIN, 4) for i in range(n_coarse + 1)],
+        "counts": hist_counts.tolist(),
+    }
+    summary["eligible_train_positions"] = int(fine.sum())
+    (prepared / "scores" / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_scored(prepared_dir: str | Path, split: str):
+    """The scored corpus of a split (input_ids, computed, entropy, tier), memory-mapped."""
+    import datasets
+
+    path = Path(prepared_dir) / "scored" / split
+    if not path.is_dir():
+        raise DataError(f"no scored corpus at {path} (run `rmt score` first)")
+    return datasets.load_from_disk(str(path))
+
+
+def format_summary(summary: dict) -> str:
+    """A short human table of tier counts and the entropy histogram."""
+    lines = [f"tier boundaries ({summary['tier_rule']}): " + ", ".join(f"{t:.3f}" for t in summary["thresholds"]) + " nats"]
+    for split, counts in summary["splits"].items():
+        total = sum(counts.values()) or 1
+        parts = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in counts.items())
+        lines.append(f"{split}: {parts}")
+    hist = summary["histogram"]
+    peak = max(hist["counts"]) or 1
+    lines.append("entropy histogram of RL-eligible train positions (nats):")
+    nonzero = [i for i, c in enumerate(hist["counts"]) if c] or [0]
+    for i in range(nonzero[0], nonzero[-1] + 1):
+        c = hist["counts"][i]
+        lines.append(f"  [{hist['bin_edges'][i]:5.2f}, {hist['bin_edges'][i + 1]:5.2f})  {c:8d} {'#' * round(40 * c / peak)}")
+    return "\n".join(lines)

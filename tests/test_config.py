@@ -1,0 +1,81 @@
+import pytest
+import yaml
+
+from rmt.config import PRESET_DIR, ConfigError, RMTConfig, describe_fields, load_config, parse_override
+
+
+def test_defaults_are_the_paper_values():
+    cfg = RMTConfig()
+    assert (cfg.budget.b0, cfg.budget.b_min, cfg.budget.gamma) == (800, 1, 0.2)
+    assert (cfg.curriculum.t1, cfg.curriculum.t2) == (0.3, 0.7)
+    assert cfg.rollout.group_size == 8 and cfg.ntp.weight == 0.1 and cfg.train.lr == 1e-6
+    assert cfg.scoring.thresholds == (0.5, 1.0, 1.5)
+    assert cfg.grpo.clip_eps == 0.2 and cfg.grpo.kl_beta == 0.0 and cfg.grpo.loss_agg == "token-mean"
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config("rmt", ["budget.gamma=0.3", "curriculum.p_early=[0.5, 0.25, 0.25]", "model.path=null"])
+    assert cfg.budget.gamma == 0.3
+    assert cfg.curriculum.p_early == (0.5, 0.25, 0.25)
+    assert cfg.model.path is None
+    assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("budget.gamma=1.0", "budget.gamma"),
+        ("budget.gamma=0", "budget.gamma"),
+        ("budget.b_min=0", "budget.b_min"),
+        ("budget.b_min=900", "budget.b_min"),
+        ("curriculum.t1=0.8", "curriculum.t1"),
+        ("curriculum.p_late=[0.5, 0.6, -0.1]", "curriculum.p_late"),
+        ("curriculum.p_early=[0.5, 0.5, 0.5]", "curriculum.p_early"),
+        ("rollout.group_size=1", "rollout.group_size"),
+        ("ntp.weight=-0.1", "ntp.weight"),
+        ("budget.gamam=0.3", "budget.gamam"),
+        ("trian.lr=1", "trian"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("rmt", [override])
+    assert field in str(err.value)
+
+
+def test_bad_override_syntax_and_unknown_preset():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["budget.gamma"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+@pytest.mark.parametrize("path", sorted(PRESET_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads_and_differs_from_rmt_only_where_the_method_does(path):
+    cfg = load_config(str(path))
+    assert cfg.preset == path.stem
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) - {"base", "preset"} <= set(RMTConfig.model_fields)
+
+
+def test_presets_encode_the_baselines():
+    assert load_config("ntp").train.rl is False
+    rpt = load_config("rpt")
+    assert rpt.budget.enabled is False and rpt.reward.match == "prefix" and rpt.ntp.weight == 0
+    assert load_config("rmt-no-ntp").ntp.weight == 0
+    assert load_config("rmt-no-cas").curriculum.mode == "uniform"
+    nodtb = load_config("rmt-no-dtb")
+    assert nodtb.budget.dynamic is False and nodtb.reward.length_weight == 0
+
+
+def test_yaml_file_with_base_and_override(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: rpt\nbudget: {b0: 64}\n")
+    cfg = load_config(str(f), ["budget.b_min=2"])
+    assert cfg.reward.match == "prefix" and cfg.budget.b0 == 64 and cfg.budget.b_min == 2
+
+
+def test_every_field_is_documented():
+    rows = describe_fields()
+    assert len(rows) > 60
+    assert all(desc for _, _, desc in rows), [name for name, _, desc in rows if not desc]

@@ -1,0 +1,188 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rmt.scoring as scoring
+from rmt.config import load_config
+from rmt.data.prepare import prepare_corpus
+from rmt.errors import DataError, ModelError
+from rmt.scoring import (
+    assign_tiers,
+    eligible_token_table,
+    entropy_from_logits,
+    load_scored,
+    quantile_thresholds,
+    score_batch,
+    score_corpus,
+)
+from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY
+
+TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran. " * (1 + i % 4) for i in range(30)]
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_model_dir):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+
+    def make(*extra):
+        cfg = load_config(
+            None,
+            [f"model.path={tiny_model_dir}", f"data.path={src}", f"data.prepared_dir={tmp_path / 'prep'}",
+             "data.seq_len=24", "data.eval_fraction=0.2", "scoring.shard_sequences=7", "scoring.batch_size=3",
+             "scoring.chunk_positions=5", *extra],
+        )
+        prepare_corpus(cfg)
+        return cfg
+
+    return make
+
+
+def test_entropy_matches_torch_categorical():
+    logits = torch.randn(6, 50) * 3
+    ref = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(entropy_from_logits(logits), ref, rtol=1e-5, atol=1e-5)
+    top = logits.topk(4, dim=-1).values
+    torch.testing.assert_close(entropy_from_logits(logits, "topk", 4), torch.distributions.Categorical(logits=top).entropy())
+    # Uniform over V tokens has entropy ln V; a one-hot distribution has 0.
+    assert entropy_from_logits(torch.zeros(1, 8)).item() == pytest.approx(np.log(8))
+    assert entropy_from_logits(torch.tensor([[0.0, -1e4, -1e4]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_score_batch_equals_unchunked_full_logits(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    seqs = [[1, 5, 9, 33, 7, 80, 81, 2], [1, 44, 45], [1, 6, 7, 8, 9, 10]]
+    cfg = load_config(None, ["scoring.chunk_positions=2"])
+    got = score_batch(model, seqs, pad_id=0, scfg=cfg.scoring)
+    for s, ent in zip(seqs, got):
+        with torch.no_grad():
+            logits = model(torch.tensor([s])).logits[0]
+        ref = torch.distributions.Categorical(logits=logits[:-1].float()).entropy().numpy()
+        assert np.isnan(ent[0]) and len(ent) == len(s)
+        np.testing.assert_allclose(ent[1:], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_assign_tiers_by_hand():
+    ent = np.array([np.nan, 0.1, 0.5, 0.99, 1.0, 1.49, 1.5, 7.0, 3.0])
+    elig = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    tiers = assign_tiers(ent, elig, (0.5, 1.0, 1.5))
+    assert tiers.tolist() == [NTP_ONLY, NTP_ONLY, EASY, EASY, MEDIUM, MEDIUM, HARD, HARD, NTP_ONLY]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 10), min_size=2, max_size=40))
+def test_tiers_are_monotone_in_entropy(values):
+    ent = np.array(sorted(values))
+    tiers = assign_tiers(ent, np.ones(len(ent), bool), (0.5, 1.0, 1.5))
+    assert (np.diff(tiers.astype(int)) >= 0).all()
+
+
+def test_quantile_thresholds():
+    values = np.arange(101) / 100  # 0.00, 0.01, ..., 1.00: the q-quantile is q
+    assert quantile_thresholds(values[::-1], (0.25, 0.5, 0.75)) == pytest.approx((0.25, 0.5, 0.75), abs=1e-6)
+    tied = quantile_thresholds(np.zeros(10), (0.2, 0.5, 0.8))
+    assert tied[0] < tied[1] < tied[2]
+    with pytest.raises(DataError):
+        quantile_thresholds(np.zeros(0), (0.1, 0.2, 0.3))
+
+
+def test_special_and_whitespace_tokens_are_not_eligible(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    table = eligible_token_table(tok, len(tok) + 3)
+    assert not table[tok.bos_token_id] and not table[tok.eos_token_id] and not table[tok.pad_token_id]
+    space = tok.convert_tokens_to_ids("Ġ")
+    assert not table[space]
+    assert table[tok.convert_tokens_to_ids("Ġthe")]
+    assert not table[len(tok):].any()
+
+
+def test_score_corpus_writes_tiers_and_summary(prepared, tmp_path):
+    cfg = prepared()
+    summary = score_corpus(cfg)
+    train = load_scored(cfg.data.prepared_dir, "train")
+    assert {"input_ids", "entropy", "tier", "computed"} <= set(train.column_names)
+    for ids, ent, tier in zip(train["input_ids"], train["entropy"], train["tier"]):
+        assert len(ids) == len(ent) == len(tier) and np.isnan(ent[0]) and tier[0] == NTP_ONLY
+    saved = json.loads((tmp_path / "prep" / "scores" / "summary.json").read_text())
+    assert saved == summary
+    total = sum(len(x) for x in train["input_ids"])
+    assert sum(summary["splits"]["train"].values()) == total
+    assert sum(summary["histogram"]["counts"]) == summary["eligible_train_positions"]
+
+
+def test_quantile_rule_spreads_positions_over_tiers(prepared):
+    cfg = prepared("scoring.tier_rule=quantile", "scoring.quantiles=[0.25,0.5,0.75]")
+    summary = score_corpus(cfg)
+    counts = summary["splits"]["train"]
+    eligible = counts["easy"] + counts["medium"] + counts["hard"] + 0
+    assert counts["easy"] > 0 and counts["medium"] > 0 and counts["hard"] > 0
+    assert counts["hard"] == pytest.approx(eligible / 3, rel=0.35)
+
+
+def test_interrupted_scoring_resumes_without_redoing_shards(prepared, monkeypatch):
+    cfg = prepared()
+    real = scoring.score_batch
+    calls = {"n": 0}
+
+    def crash_after_four(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(scoring, "score_batch", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        score_corpus(cfg)
+    shards_dir = f"{cfg.data.prepared_dir}/scores/train"
+    import pathlib
+
+    done = sorted(p.name for p in pathlib.Path(shards_dir).iterdir())
+    assert done == ["shard-00000"], "only complete shards are visible; the interrupted one left nothing"
+    counted = {"n": 0}
+
+    def counting(*a, **k):
+        counted["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(scoring, "score_batch", counting)
+    resumed = score_corpus(cfg)
+    resumed_train = load_scored(cfg.data.prepared_dir, "train")["entropy"]
+    n_batches_resumed, counted["n"] = counted["n"], 0
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.output.overwrite = True
+    import shutil
+
+    shutil.rmtree(f"{cfg.data.prepared_dir}/scores")
+    fresh = score_corpus(cfg2)
+    assert resumed == fresh
+    np.testing.assert_allclose(
+        np.concatenate(resumed_train), np.concatenate(load_scored(cfg.data.prepared_dir, "train")["entropy"])
+    )
+    # The first shard (7 sequences in batches of 3 = 3 batches) was not scored again.
+    assert n_batches_resumed == counted["n"] - 3
+
+
+def test_mismatched_tokenizer_or_model_is_an_error(prepared, tmp_path, tiny_model_dir):
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    cfg = prepared()
+    small = tmp_path / "small"
+    tok = build_tiny_tokenizer(small, vocab_size=280)
+    build_tiny_model(small, tok)
+    # A proxy reference model whose vocabulary is smaller than the corpus tokenizer's.
+    with pytest.raises(ModelError, match="do not belong together|token id"):
+        score_corpus(load_config(None, [f"model.path={tiny_model_dir}", f"scoring.reference_model={small}",
+                                        f"data.prepared_dir={cfg.data.prepared_dir}", "output.overwrite=true"]))
+    # A tokenizer that is not the one the corpus was prepared with.
+    with pytest.raises(ModelError, match="another tokenizer"):
+        score_corpus(load_config(None, [f"model.path={small}", f"data.prepared_dir={cfg.data.prepared_dir}"]))
+
+
+def test_scoring_without_prepared_corpus_is_an_error(tmp_path, tiny_model_dir):
+    with pytest.raises(DataError, match="rmt prepare"):
+        score_corpus(load_config(None, [f"model.path={tiny_model_dir}", f"data.prepared_dir={tmp_path / 'none'}"]))
