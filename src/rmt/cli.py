@@ -94,5 +94,27 @@ def score(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = Ov
         sys.stdout.write(f"saved {cfg.data.prepared_dir}/scores/summary.json\n")
 
 
+@app.command()
+def pretrain(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Train a small Llama from scratch: the embedded default's base model, or one on pretrain.corpus (resumable)."""
+    import json
+
+    from rmt.pretrain import pretrain as pretrain_stage
+
+    cfg = _config(config, overrides)
+    summary = _run(pretrain_stage, cfg)
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+
+
+@app.command()
+def train(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Mid-train with the configured method (rmt, rpt, ntp or an ablation); resumes from the newest checkpoint."""
+    from rmt.trainer import train as run_train
+
+    cfg = _config(config, overrides)
+    run_dir = _run(run_train, cfg)
+    sys.stdout.write(f"run folder: {run_dir}\n")
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()

@@ -132,6 +132,9 @@ class CurriculumConfig(Section):
     )
     positions_per_sequence: int = Field(1, ge=1, description="RL positions drawn from each sequence of a batch (at most).")
     min_prefix: int = Field(4, ge=1, description="Positions before this index are never RL positions (the prompt needs a prefix).")
+    max_positions_per_batch: int | None = Field(
+        None, ge=1, description="Cap on RL positions per process batch; a uniform random subset of those drawn is kept (None = no cap)."
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> "CurriculumConfig":
@@ -180,12 +183,19 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     max_response_tokens: int = Field(2048, ge=1, description="Hard cap on response tokens (paper: 2048 for language modelling).")
     positions_per_batch: int = Field(4, ge=1, description="RL positions generated together in one batched generate call.")
+    shared_prefix: bool = Field(
+        True,
+        description="Prefill each prompt once and copy its KV cache to the G responses (SPEC section 5); "
+        "off = prefill G copies (the reference, same samples, slower).",
+    )
 
 
 class RewardConfig(Section):
     match: Literal["exact", "prefix"] = Field("exact", description="exact = 1[y == next token] (RMT); prefix = RPT's prefix-matching reward.")
     strip_leading_space: bool = Field(
-        True, description="Exact match ignores leading whitespace on both sides, so ' the' and 'the' match (BPE tokens carry the space)."
+        True,
+        description="Match rewards ignore leading whitespace on both sides, so ' the' and 'the' match (BPE tokens carry the space); "
+        "prefix match then counts token boundaries from the first non-whitespace byte.",
     )
     length_weight: float = Field(0.2, ge=0.0, le=1.0, description="w in r = (1-w) r_match + w r_len. The paper gives no number; ours.")
     r_max: float = Field(1.0, gt=0.0, description="Peak of the triangular length reward. The paper gives no number; ours.")
@@ -242,6 +252,88 @@ class OutputConfig(Section):
     overwrite: bool = Field(False, description="Replace an existing run directory made with a different config.")
 
 
+class EmbeddedConfig(Section):
+    """The embedded default's corpus (SPEC sections 6 and 8): reasoning-gym problems in four disjoint splits."""
+
+    seed: int = Field(0, description="Seed of the generated corpus: same seed + same reasoning-gym version = byte-identical files.")
+    task: Literal["chain_sum"] = Field(
+        "chain_sum", description="reasoning-gym generator (chain_sum: integer terms with + and -, the measured recipe of SPEC section 8)."
+    )
+    min_terms: int = Field(3, ge=2, le=12, description="Fewest terms per problem (SPEC section 8: 3).")
+    max_terms: int = Field(4, ge=2, le=12, description="Most terms per problem (SPEC section 8: 4).")
+    min_digits: int = Field(1, ge=1, le=6, description="Fewest digits per term (SPEC section 8: 1).")
+    max_digits: int = Field(1, ge=1, le=6, description="Most digits per term (SPEC section 8: 1; 2 is under-trained in minutes).")
+    problems_per_doc: int = Field(8, ge=1, le=64, description="Problems per document, one per line, so that sequences have context.")
+    think_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of base pre-training documents written with <think> scratchpads (the rest plain)."
+    )
+    base_problems: int = Field(240_000, ge=1, description="Problems in the base pre-training split (repeats allowed: it is a stream).")
+    midtrain_problems: int = Field(4_000, ge=1, description="Distinct problems in the mid-training split (plain text, JSONL with computed_spans).")
+    eval_problems: int = Field(1_000, ge=1, description="Distinct problems in the evaluation split (plain text, JSONL with computed_spans).")
+    posttrain_problems: int = Field(1_000, ge=1, description="Distinct problems in the post-training split (question and answer apart).")
+    cache_dir: str | None = Field(
+        None, description="Where built corpora, tokenizers and base models are cached. None = $RMT_CACHE, else ~/.cache/rmt."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "EmbeddedConfig":
+        if self.min_terms > self.max_terms:
+            raise ValueError(f"embedded.min_terms must be <= embedded.max_terms={self.max_terms}, got {self.min_terms}")
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"embedded.min_digits must be <= embedded.max_digits={self.max_digits}, got {self.min_digits}")
+        return self
+
+
+class PretrainConfig(Section):
+    """`rmt pretrain`: a small Llama trained from scratch with plain next-token prediction (SPEC section 8 recipe)."""
+
+    corpus: str | None = Field(
+        None,
+        description="Pre-training corpus (text file, folder of .txt, .jsonl, .parquet or HF dataset; read with data.text_field "
+        "and data.encoding_errors). None = the embedded default's base split, trained into the cache.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder to use. None = train a byte-level BPE (individual digits) on the corpus."
+    )
+    vocab_size: int = Field(512, ge=300, le=1_000_000, description="Vocabulary size when a tokenizer is trained (256 bytes + merges + specials).")
+    output_dir: str = Field("runs/base", description="Where a pretraining on pretrain.corpus writes its model, checkpoints and metrics.")
+    hidden_size: int = Field(256, ge=8, description="Model width (SPEC section 8: 256).")
+    num_layers: int = Field(4, ge=1, description="Transformer layers (SPEC section 8: 4).")
+    num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size (SPEC section 8: 4).")
+    intermediate_size: int = Field(688, ge=8, description="MLP width (SPEC section 8: 688).")
+    tie_embeddings: bool = Field(True, description="Share input and output embeddings (SPEC section 8: tied).")
+    seq_len: int = Field(128, ge=8, le=65_536, description="Tokens per packed training row (SPEC section 8: 128).")
+    batch_size: int = Field(32, ge=1, description="Rows per optimizer step.")
+    steps: int = Field(900, ge=1, description="Optimizer steps (default: 900 x 32 x 128 = 3.7M tokens, about 6-7 minutes on 2 CPU cores).")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (SPEC section 8: 1e-3).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (SPEC section 8: 0.1).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (SPEC section 8: 0.9, 0.95).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm; 0 = no clipping.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware has bf16 (CPU with AVX512-BF16/AMX, recent GPUs), else fp32."
+    )
+    attn_implementation: str = Field("eager", description="Attention kernel (SPEC section 7: eager is fastest under bf16 on CPU).")
+    eval_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Share of corpus documents held out for the held-out loss.")
+    eval_every: int = Field(100, ge=1, description="Held-out loss and next-token accuracy every N steps (and at the end).")
+    eval_rows: int = Field(64, ge=1, description="Held-out rows evaluated each time (at most).")
+    save_every: int = Field(100, ge=1, description="Atomic checkpoint every N steps (resume is exact: optimizer, scheduler, RNG, data position).")
+    keep_checkpoints: bool = Field(False, description="Keep the last checkpoint after training ends (off: deleted once the model is saved).")
+    seed: int = Field(0, description="Seed of initialisation, held-out split and data order.")
+    probe_problems: int = Field(
+        500, ge=0, description="After training the embedded base model: post-training problems and mid-training values probed for the reasoning report (0 = skip)."
+    )
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "PretrainConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"pretrain.num_heads must divide pretrain.hidden_size={self.hidden_size}, got {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"pretrain.hidden_size / pretrain.num_heads must be even (rotary embeddings), got {self.hidden_size // self.num_heads}")
+        return self
+
+
 class RMTConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -259,6 +351,8 @@ class RMTConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> "RMTConfig":

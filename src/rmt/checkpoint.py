@@ -1,0 +1,121 @@
+"""Atomic checkpoints and exact resume for training runs.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding the model in Hugging Face format (safetensors),
+the tokenizer, ``optimizer.pt`` and ``scheduler.pt`` (tensors and numbers only, loaded with
+``weights_only=True``: nothing is unpickled), and ``trainer_state.json`` (step, data position, RNG states,
+config fingerprint). It is written into a temporary folder and renamed into place, so a crash or ``kill -9``
+during the write leaves the earlier checkpoints as they were and no half-written one that a resume could pick.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmt.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step-(\d{7})$")
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict:
+    """The RNG states of Python, NumPy and torch, in JSON-safe form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_from_json(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _to_json(x):
+    return [_to_json(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _from_json(x):
+    return tuple(_from_json(v) for v in x) if isinstance(x, list) else x
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are ignored)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=ckpt_dir))
+    try:
+        model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "model"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
+        if final.exists():  # re-saving the same step (e.g. after an interrupt): replace it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    path = Path(ckpt) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: cannot read {STATE_FILE} ({e})") from None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states from ``ckpt``; returns the trainer state."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    state = load_trainer_state(ckpt)
+    try:
+        weights = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        if not weights:
+            raise FileNotFoundError("no *.safetensors file")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # Tied output embeddings are saved once; anything else missing means a broken checkpoint.
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: {e}") from None
+    set_rng_state(state["rng"])
+    return state

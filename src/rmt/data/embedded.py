@@ -1,0 +1,372 @@
+"""The embedded default: a math corpus from reasoning-gym, a tokenizer and a small base model, built on first use.
+
+There is no model hub here (SPEC section 6), so the default pipeline makes its own material:
+
+- ``base.jsonl``: base pre-training documents. Each document holds ``embedded.problems_per_doc`` problems, one per
+  line, all with a ``<think>`` scratchpad (``5-1+4=<think>5-1=4;4+4=8</think>8``) or all plain (``5-1+4=8``);
+  ``embedded.think_fraction`` of the documents think. Problems may repeat: it is a stream.
+- ``midtrain.jsonl`` and ``eval.jsonl``: plain documents (no think tags) with ``computed_spans``, the character
+  spans ``[start, end)`` of the values each document computes (the answers), as opposed to its random operands.
+- ``posttrain.jsonl``: one problem per record, the prompt and the verifiable answer kept apart, scored with the
+  generator's own ``score_answer``.
+
+Every problem belongs to exactly one split, chosen by a hash of the seed and the problem itself, so the splits are
+disjoint by construction; the held-out splits hold each problem at most once. The files depend only on the
+``embedded`` config section and the reasoning-gym version: same seed, same bytes, on any machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rmt.config import EmbeddedConfig, RMTConfig
+from rmt.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CORPUS_FORMAT = 1  # bump when the written files change for the same config
+SPLITS = ("base", "midtrain", "eval", "posttrain")
+# Share of the problem space each split may draw from (hash buckets). The held-out splits need distinct problems, so
+# their buckets are larger than their share of the data.
+SPLIT_SHARES = {"posttrain": 0.03, "eval": 0.04, "midtrain": 0.13, "base": 0.80}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+STALL_DRAWS = 100_000  # give up when no split has grown for this many draws: the problem space is too small
+
+
+def reasoning_gym_version() -> str:
+    return importlib.metadata.version("reasoning-gym")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One chain-sum problem in compact form: ``terms[0] ops[0] terms[1] ...`` = ``answer``."""
+
+    terms: tuple[int, ...]
+    ops: tuple[str, ...]
+    entry: dict  # the generator's own record (question, answer, metadata): what score_answer needs
+
+    @property
+    def expression(self) -> str:
+        out = str(self.terms[0])
+        for op, t in zip(self.ops, self.terms[1:]):
+            out += f"{op}{t}"
+        return out
+
+    @property
+    def answer(self) -> str:
+        return self.entry["answer"]
+
+    def steps(self) -> list[str]:
+        """The worked solution, left to right: ``["5-1=4", "4+4=8"]``."""
+        acc, out = self.terms[0], []
+        for op, t in zip(self.ops, self.terms[1:]):
+            new = acc + t if op == "+" else acc - t
+            out.append(f"{acc}{op}{t}={new}")
+            acc = new
+        return out
+
+
+def parse_problem(entry: dict) -> Problem:
+    """A chain_sum record (``"6 + 0 - 1 + 8"``) as a Problem; its worked result is checked against the answer."""
+    parts = entry["metadata"]["expression"].split()
+    terms, ops = tuple(int(p) for p in parts[0::2]), tuple(parts[1::2])
+    if not ops or any(op not in "+-" for op in ops) or len(terms) != len(ops) + 1:
+        raise DataError(f"unexpected chain_sum expression {entry['metadata']['expression']!r}")
+    problem = Problem(terms, ops, entry)
+    if problem.steps()[-1].rsplit("=", 1)[1] != problem.answer:
+        raise DataError(f"chain_sum answer {problem.answer!r} disagrees with {problem.expression}")
+    return problem
+
+
+def render_plain(p: Problem) -> tuple[str, tuple[int, int]]:
+    """``5-1+4=8`` and the span of the computed answer in it."""
+    line = f"{p.expression}={p.answer}"
+    return line, (len(line) - len(p.answer), len(line))
+
+
+def render_think(p: Problem) -> str:
+    """``5-1+4=<think>5-1=4;4+4=8</think>8``: the scratchpad in the same form as RMT's rollouts."""
+    return f"{p.expression}={THINK_OPEN}{';'.join(p.steps())}{THINK_CLOSE}{p.answer}"
+
+
+def _bucket(seed: int, task: str, key: str) -> str:
+    """The split a problem belongs to: a hash of the seed and the problem, so no problem is in two splits."""
+    h = hashlib.blake2b(f"{seed}|{task}|{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "big") / 2**64
+    edge = 0.0
+    for split in ("posttrain", "eval", "midtrain", "base"):
+        edge += SPLIT_SHARES[split]
+        if u < edge:
+            return split
+    return "base"
+
+
+def _generator(ecfg: EmbeddedConfig):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(
+        ecfg.task,
+        min_terms=ecfg.min_terms,
+        max_terms=ecfg.max_terms,
+        min_digits=ecfg.min_digits,
+        max_digits=ecfg.max_digits,
+        seed=ecfg.seed * 1_000_003,  # the generator seeds item i with seed + i: keep the streams of nearby seeds apart
+        size=2**62,
+    )
+
+
+def draw_problems(ecfg: EmbeddedConfig) -> dict[str, list[Problem]]:
+    """Problems of every split, in generation order. Deterministic in the config and the reasoning-gym version."""
+    wanted = {
+        "base": ecfg.base_problems,
+        "midtrain": ecfg.midtrain_problems,
+        "eval": ecfg.eval_problems,
+        "posttrain": ecfg.posttrain_problems,
+    }
+    out: dict[str, list[Problem]] = {s: [] for s in SPLITS}
+    seen: dict[str, set[str]] = {s: set() for s in SPLITS}
+    ds = _generator(ecfg)
+    idx = last_growth = 0
+    while any(len(out[s]) < wanted[s] for s in SPLITS):
+        if idx - last_growth > STALL_DRAWS:
+            short = {s: f"{len(out[s])}/{wanted[s]}" for s in SPLITS if len(out[s]) < wanted[s]}
+            raise DataError(
+                f"the {ecfg.task} problem space ({ecfg.min_terms}-{ecfg.max_terms} terms, {ecfg.min_digits}-"
+                f"{ecfg.max_digits} digits) is too small for the requested splits (found {short} distinct problems "
+                f"after {idx} draws): lower embedded.*_problems or widen embedded.max_terms / max_digits"
+            )
+        p = parse_problem(ds[idx])
+        idx += 1
+        split = _bucket(ecfg.seed, ecfg.task, p.expression)
+        if len(out[split]) >= wanted[split]:
+            continue
+        if split != "base":  # held-out splits: each problem once
+            if p.expression in seen[split]:
+                continue
+            seen[split].add(p.expression)
+        out[split].append(p)
+        last_growth = idx
+    return out
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def plain_document(problems: list[Problem]) -> dict:
+    """``{"text": "5-1+4=8\\n...", "computed_spans": [[6, 7], ...]}``: one problem per line, answers marked."""
+    text, spans = "", []
+    for i, p in enumerate(problems):
+        if i:
+            text += "\n"
+        line, (a, b) = render_plain(p)
+        spans.append([len(text) + a, len(text) + b])
+        text += line
+    return {"text": text, "computed_spans": spans}
+
+
+def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
+    """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly."""
+    rng = random.Random(int.from_bytes(hashlib.sha256(f"think|{ecfg.seed}".encode()).digest()[:8], "big"))
+    docs = []
+    for group in _chunks(problems, ecfg.problems_per_doc):
+        think = rng.random() < ecfg.think_fraction
+        lines = [render_think(p) if think else render_plain(p)[0] for p in group]
+        docs.append({"text": "\n".join(lines), "think": think})
+    return docs
+
+
+def posttrain_record(p: Problem) -> dict:
+    """Prompt and verifiable answer kept apart; ``entry`` is what the generator's score_answer reads."""
+    return {"prompt": f"{p.expression}=", "answer": p.answer, "task": p.entry["metadata"]["source_dataset"], "entry": p.entry}
+
+
+def build_corpus(ecfg: EmbeddedConfig) -> dict[str, list[dict]]:
+    """The four splits as lists of JSON-ready records."""
+    problems = draw_problems(ecfg)
+    return {
+        "base": base_documents(problems["base"], ecfg),
+        "midtrain": [plain_document(g) for g in _chunks(problems["midtrain"], ecfg.problems_per_doc)],
+        "eval": [plain_document(g) for g in _chunks(problems["eval"], ecfg.problems_per_doc)],
+        "posttrain": [posttrain_record(p) for p in problems["posttrain"]],
+    }
+
+
+def _jsonl_bytes(records: list[dict]) -> bytes:
+    # Fixed separators and key order: the bytes are the identity of the corpus (checked in the tests).
+    return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in records)
+
+
+def write_corpus(ecfg: EmbeddedConfig, out_dir: str | Path) -> dict:
+    """Write ``<split>.jsonl`` for every split and ``manifest.json`` (sha256 of each file) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(ecfg)
+    files = {}
+    for split in SPLITS:
+        data = _jsonl_bytes(corpus[split])
+        (out_dir / f"{split}.jsonl").write_bytes(data)
+        files[split] = {"file": f"{split}.jsonl", "records": len(corpus[split]), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {
+        "format": CORPUS_FORMAT,
+        "reasoning_gym": reasoning_gym_version(),
+        "embedded": ecfg.model_dump(mode="json", exclude={"cache_dir"}),
+        "files": files,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def score_posttrain(record: dict, answer: str | None) -> float:
+    """The generator's own verifier: 1.0 for a correct answer to a post-training record, else 0.0 (or partial)."""
+    import reasoning_gym
+
+    return float(reasoning_gym.get_score_answer_fn(record["task"])(answer, record["entry"]))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"embedded split not found: {path}")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache: corpus, tokenizer and base model, keyed by the config that made them.
+
+
+@dataclass(frozen=True)
+class EmbeddedArtifacts:
+    """Paths of the embedded default's material (``base_model_dir`` exists only after ``ensure_embedded(model=True)``)."""
+
+    root: Path
+    base_path: Path
+    midtrain_path: Path
+    eval_path: Path
+    posttrain_path: Path
+    tokenizer_dir: Path
+    base_model_dir: Path
+
+
+# pretrain fields that do not change the trained weights: left out of the model's cache key
+_BOOKKEEPING = {"corpus", "tokenizer", "output_dir", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "probe_problems"}
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_root(ecfg: EmbeddedConfig) -> Path:
+    if ecfg.cache_dir:
+        return Path(ecfg.cache_dir).expanduser()
+    return Path(os.environ.get("RMT_CACHE") or Path.home() / ".cache" / "rmt").expanduser()
+
+
+def corpus_key(ecfg: EmbeddedConfig) -> str:
+    return _key(
+        {"format": CORPUS_FORMAT, "reasoning_gym": reasoning_gym_version(), "embedded": ecfg.model_dump(mode="json", exclude={"cache_dir"})}
+    )
+
+
+def tokenizer_key(cfg: RMTConfig) -> str:
+    from rmt.data.tokenizer import TOKENIZER_FORMAT
+
+    return _key({"corpus": corpus_key(cfg.embedded), "format": TOKENIZER_FORMAT, "vocab_size": cfg.pretrain.vocab_size})
+
+
+def model_key(cfg: RMTConfig) -> str:
+    return _key({"tokenizer": tokenizer_key(cfg), "pretrain": cfg.pretrain.model_dump(mode="json", exclude=_BOOKKEEPING)})
+
+
+def embedded_paths(cfg: RMTConfig) -> EmbeddedArtifacts:
+    """Where the artifacts of this config live (nothing is built)."""
+    root = cache_root(cfg.embedded) / "embedded" / corpus_key(cfg.embedded)
+    corpus = root / "corpus"
+    return EmbeddedArtifacts(
+        root=root,
+        base_path=corpus / "base.jsonl",
+        midtrain_path=corpus / "midtrain.jsonl",
+        eval_path=corpus / "eval.jsonl",
+        posttrain_path=corpus / "posttrain.jsonl",
+        tokenizer_dir=root / f"tokenizer-{tokenizer_key(cfg)}",
+        base_model_dir=root / f"base-{model_key(cfg)}",
+    )
+
+
+@contextmanager
+def _locked(root: Path):
+    """One builder at a time (e.g. every process of a distributed launch calls ensure_embedded)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_dir(target: Path, build) -> None:
+    """Build into a temporary sibling folder, then rename: a crash never leaves a half-written folder behind."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary files
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_embedded(cfg: RMTConfig, model: bool = True, progress: bool = True) -> EmbeddedArtifacts:
+    """Build what is missing of the embedded default (corpus, tokenizer, base model) and reuse what exists.
+
+    Keyed by a hash of the ``embedded`` and ``pretrain`` settings and the reasoning-gym version, under
+    ``embedded.cache_dir`` ($RMT_CACHE, else ~/.cache/rmt). A second call returns at once; an interrupted
+    pretraining resumes from its last checkpoint. ``model=False`` stops after the corpus and the tokenizer.
+    """
+    arts = embedded_paths(cfg)
+    with _locked(arts.root):
+        corpus_dir = arts.base_path.parent
+        if not (corpus_dir / "manifest.json").is_file():
+            log.info("generating the embedded corpus in %s", corpus_dir)
+            if corpus_dir.exists():
+                shutil.rmtree(corpus_dir)
+            _build_dir(corpus_dir, lambda d: write_corpus(cfg.embedded, d))
+        if not (arts.tokenizer_dir / "tokenizer.json").is_file():
+            from rmt.data.tokenizer import train_tokenizer
+
+            log.info("training the embedded tokenizer in %s", arts.tokenizer_dir)
+            texts = [d["text"] for d in read_jsonl(arts.base_path)]
+            tok = train_tokenizer(texts, cfg.pretrain.vocab_size)
+            if arts.tokenizer_dir.exists():
+                shutil.rmtree(arts.tokenizer_dir)
+            _build_dir(arts.tokenizer_dir, lambda d: tok.save_pretrained(str(d)))
+        if model:
+            from rmt.pretrain import is_complete, probe_embedded, train_base_model
+
+            if not is_complete(arts.base_model_dir):
+                log.info("pretraining the embedded base model in %s", arts.base_model_dir)
+                train_base_model(
+                    cfg,
+                    arts.base_path,
+                    arts.base_model_dir,
+                    tokenizer_dir=arts.tokenizer_dir,
+                    text_field="text",
+                    progress=progress,
+                )
+            if cfg.pretrain.probe_problems and not (arts.base_model_dir / "probe.json").is_file():
+                probe_embedded(cfg, arts)
+    return arts

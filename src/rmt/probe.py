@@ -1,0 +1,233 @@
+"""Does thinking help this model? Greedy probes of a base model in direct and in reasoning mode.
+
+Two measurements (SPEC section 8), both greedy and batched:
+
+- ``reasoning_advantage``: on corpus documents with ``computed_spans``, at the first token of every computed value,
+  compare the prediction made directly (argmax after the prefix, `<think>` excluded) with the one made after thinking
+  (prefix + ``<think>``, generate until ``</think>``, then the next token). Also whole values: the value's tokens
+  and the token that ends it, predicted greedily.
+- ``ntp_accuracy``: teacher-forced loss and argmax accuracy over documents, on computed and on other tokens.
+- ``posttrain_accuracy``: on post-training records (prompt and verifiable answer apart), the answer read after
+  ``</think>`` (reasoning mode) or right after the prompt (direct mode), scored by the generator's verifier.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    batch_size: int = 64,
+    suppress: list[int] | None = None,
+    temperature: float = 0.0,
+) -> list[list[int]]:
+    """Continuations of token-id prompts (left-padded batches, KV cache), each cut after its first stop token.
+
+    ``temperature`` 0 = greedy; otherwise plain sampling (no top-k / top-p), seeded by the caller's torch RNG.
+    ``suppress``: token ids never generated (direct mode forbids ``<think>``)."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    out: list[list[int]] = [[] for _ in prompts]
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_k=None,
+            top_p=None,
+            eos_token_id=stop_ids or None,
+            pad_token_id=pad_id,
+            suppress_tokens=suppress or None,
+        )[:, width:].tolist()
+        for r, i in enumerate(idx):
+            seq = gen[r]
+            cut = next((k + 1 for k, t in enumerate(seq) if t in stop_ids), len(seq))
+            out[i] = seq[:cut]
+    return out
+
+
+def _special_ids(tokenizer) -> tuple[int, int, int]:
+    open_id, close_id = tokenizer.convert_tokens_to_ids([THINK_OPEN, THINK_CLOSE])
+    if open_id is None or close_id is None or open_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no single {THINK_OPEN} / {THINK_CLOSE} tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return open_id, close_id, pad
+
+
+def think_then_answer(
+    model, tokenizer, prompts: list[list[int]], answer_tokens: int, think_tokens: int = 64, batch_size: int = 64, temperature: float = 0.0
+):
+    """For each prompt (already ending in ``<think>``): (thinking tokens, answer tokens or None when ``</think>`` never came)."""
+    _, close_id, pad = _special_ids(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    thoughts = generate_ids(model, prompts, think_tokens, [close_id] + eos, pad, batch_size, temperature=temperature)
+    closed = [i for i, t in enumerate(thoughts) if t and t[-1] == close_id]
+    answers: list[list[int] | None] = [None] * len(prompts)
+    # The answer is always read greedily: sampling is for the reasoning, as in RMT's rollouts.
+    follow = generate_ids(model, [prompts[i] + thoughts[i] for i in closed], answer_tokens, eos, pad, batch_size)
+    for i, a in zip(closed, follow):
+        answers[i] = a
+    return [t[:-1] if t and t[-1] == close_id else t for t in thoughts], answers
+
+
+def reasoning_advantage(
+    model, tokenizer, docs: list[dict], max_values: int = 500, think_tokens: int = 64, batch_size: int = 64, seed: int = 0
+) -> dict:
+    """Next-token accuracy at the start of computed values, directly vs after thinking (greedy).
+
+    ``docs``: ``{"text", "computed_spans"}`` records. Up to ``max_values`` spans are drawn with ``seed``.
+    Direct = the best token other than ``<think>`` (a base model that saw scratchpads may want to think first).
+    A whole value is right when its tokens come out and the next token does not extend it (``13`` vs ``130``).
+    Returns n, direct/reasoning first-token and whole-value accuracy, malformed share, mean thinking length.
+    """
+    open_id, _, pad = _special_ids(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    sites = [(d, s, e) for d, doc in enumerate(docs) for s, e in doc["computed_spans"]]
+    if len(sites) > max_values:
+        sites = sorted(random.Random(seed).sample(sites, max_values))
+    prompts, targets = [], []
+    encoded: dict[int, tuple[list[int], list]] = {}
+    for d, s, e in sites:
+        if d not in encoded:
+            enc = tokenizer(docs[d]["text"], add_special_tokens=False, return_offsets_mapping=True)
+            encoded[d] = (enc["input_ids"], enc["offset_mapping"])
+        ids, offsets = encoded[d]
+        first = next((k for k, (a, _) in enumerate(offsets) if a >= s), None)
+        if first is None or offsets[first][0] != s:
+            continue  # the value does not start on a token boundary: no next-token question to ask
+        end = next((k for k, (a, _) in enumerate(offsets) if a >= e), len(ids))
+        prompts.append(bos + ids[:first])
+        targets.append(ids[first:end])
+    if not prompts:
+        return {"n": 0}
+    width = max(len(t) for t in targets) + 1
+    direct = generate_ids(model, prompts, width, [], pad, batch_size, suppress=[open_id])
+    thoughts, answers = think_then_answer(model, tokenizer, [p + [open_id] for p in prompts], width, think_tokens, batch_size)
+
+    def whole(gen: list[int] | None, target: list[int]) -> bool:
+        if gen is None or gen[: len(target)] != target:
+            return False
+        nxt = tokenizer.decode(gen[len(target) : len(target) + 1])
+        return not (nxt[:1].isalnum())
+
+    n = len(prompts)
+    return {
+        "n": n,
+        "direct_first_token": sum(g[:1] == t[:1] for g, t in zip(direct, targets)) / n,
+        "reasoning_first_token": sum(a is not None and a[:1] == t[:1] for a, t in zip(answers, targets)) / n,
+        "direct_value": sum(whole(g, t) for g, t in zip(direct, targets)) / n,
+        "reasoning_value": sum(whole(a, t) for a, t in zip(answers, targets)) / n,
+        "malformed": sum(a is None for a in answers) / n,
+        "mean_think_tokens": sum(len(t) for t in thoughts) / n,
+    }
+
+
+@torch.no_grad()
+def ntp_accuracy(model, tokenizer, docs: list[dict], batch_size: int = 32) -> dict:
+    """Teacher-forced next-token loss and argmax accuracy over ``[bos] text [eos]`` of each document.
+
+    Accuracy is also split by target: tokens inside ``computed_spans`` (what reasoning can win) and the rest
+    (mostly random operands, which no reasoning predicts; SPEC section 8).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    _, _, pad = _special_ids(tokenizer)
+    loss_sum = 0.0
+    hits = {"computed": [0, 0], "other": [0, 0]}
+    for b in range(0, len(docs), batch_size):
+        batch = docs[b : b + batch_size]
+        enc = tokenizer([d["text"] for d in batch], add_special_tokens=False, return_offsets_mapping=True)
+        seqs, flags = [], []
+        for d, ids, offsets in zip(batch, enc["input_ids"], enc["offset_mapping"]):
+            comp = [any(a < e and s < bb for s, e in d.get("computed_spans", [])) for a, bb in offsets]
+            seqs.append(bos + ids + eos)
+            flags.append([False] * len(bos) + comp + [False] * len(eos))
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        comp = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for r, (x, f) in enumerate(zip(seqs, flags)):
+            ids[r, : len(x)], mask[r, : len(x)], comp[r, : len(x)] = torch.tensor(x), 1, torch.tensor(f)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
+        target, valid, comp = ids[:, 1:], mask[:, 1:].bool(), comp[:, 1:]
+        loss_sum += torch.nn.functional.cross_entropy(logits[valid], target[valid], reduction="sum").item()
+        right = logits.argmax(-1) == target
+        for name, sel in (("computed", valid & comp), ("other", valid & ~comp)):
+            hits[name][0] += right[sel].sum().item()
+            hits[name][1] += sel.sum().item()
+    total = hits["computed"][1] + hits["other"][1]
+    return {
+        "tokens": total,
+        "loss": loss_sum / max(1, total),
+        "accuracy": (hits["computed"][0] + hits["other"][0]) / max(1, total),
+        "computed_accuracy": hits["computed"][0] / max(1, hits["computed"][1]),
+        "other_accuracy": hits["other"][0] / max(1, hits["other"][1]),
+    }
+
+
+def posttrain_accuracy(
+    model,
+    tokenizer,
+    records: list[dict],
+    mode: str = "reasoning",
+    think_tokens: int = 64,
+    answer_tokens: int = 12,
+    batch_size: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """Share of post-training records answered correctly (generator's verifier), thinking or direct.
+
+    Greedy by default; with ``temperature`` > 0 the thinking is sampled (seeded), as GRPO's rollouts would be.
+    """
+    from rmt.data.embedded import score_posttrain
+
+    if mode not in ("reasoning", "direct"):
+        raise ValueError(f"mode must be reasoning or direct, got {mode!r}")
+    open_id, _, pad = _special_ids(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompts = [bos + tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in records]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if mode == "reasoning":
+            thoughts, answers = think_then_answer(
+                model, tokenizer, [p + [open_id] for p in prompts], answer_tokens, think_tokens, batch_size, temperature
+            )
+        else:  # direct: the answer right after the prompt, <think> forbidden
+            thoughts = [[] for _ in prompts]
+            answers = generate_ids(model, prompts, answer_tokens, eos, pad, batch_size, suppress=[open_id], temperature=temperature)
+    scores = []
+    for r, a in zip(records, answers):
+        text = None if a is None else tokenizer.decode(a, skip_special_tokens=True).split("\n")[0].strip()
+        scores.append(score_posttrain(r, text) if text else 0.0)
+    n = max(1, len(records))
+    return {
+        "n": len(records),
+        "accuracy": sum(s == 1.0 for s in scores) / n,  # reasoning-gym gives partial credit to wrong numbers
+        "mean_score": sum(scores) / n,
+        "malformed": sum(a is None for a in answers) / n,
+        "mean_think_tokens": sum(len(t) for t in thoughts) / n,
+    }

@@ -1,0 +1,121 @@
+"""`rmt report`: a markdown report with plots from one or more run folders (and an evaluation JSON).
+
+Plots (PNG, matplotlib): budget B_t against the actual reasoning length, the curriculum mix p_t against the
+realised tier counts, reward terms, rollout accuracy, the loss terms, and accuracy by tier from ``rmt eval``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rmt.errors import RMTError
+from rmt.run_dir import read_metrics
+
+TIERS = ("easy", "medium", "hard")
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot(path: Path, title: str, runs: dict[str, list[dict]], keys: list[tuple[str, str]], ylabel: str) -> bool:
+    """One figure; a line per (run, key). Returns False when no run has any of the keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    drawn = False
+    for name, rows in runs.items():
+        for key, label in keys:
+            x, y = _series(rows, key)
+            if x:
+                style = "--" if key in ("budget",) or key.startswith("p_") else "-"
+                ax.plot(x, y, style, label=f"{name}: {label}" if len(runs) > 1 else label)
+                drawn = True
+    if drawn:
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def _accuracy_bars(path: Path, evaluation: dict) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [(name, res) for name, res in evaluation.get("results", {}).items()]
+    if not rows:
+        return False
+    groups = [*TIERS, "average"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    for i, (name, res) in enumerate(rows):
+        acc = [res["tiers"].get(g, {}).get("accuracy", float("nan")) if g != "average" else res.get("average", float("nan")) for g in groups]
+        lo = [res["tiers"].get(g, {}).get("ci95", [a, a])[0] if g != "average" else a for g, a in zip(groups, acc)]
+        hi = [res["tiers"].get(g, {}).get("ci95", [a, a])[1] if g != "average" else a for g, a in zip(groups, acc)]
+        x = np.arange(len(groups)) + i * width
+        ax.bar(x, acc, width, label=name, yerr=[np.subtract(acc, lo), np.subtract(hi, acc)], capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+    ax.set_ylabel("next-token accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+PLOTS = [
+    ("budget.png", "Thinking budget and reasoning length", [("budget", "budget B_t"), ("think_len_mean", "mean reasoning length"), ("think_len_p90", "p90 reasoning length")], "tokens"),
+    ("curriculum.png", "Curriculum: p_t and realised RL positions", [("p_easy", "p easy"), ("p_medium", "p medium"), ("p_hard", "p hard"), ("frac_easy", "realised easy"), ("frac_medium", "realised medium"), ("frac_hard", "realised hard")], "share"),
+    ("reward.png", "Reward", [("reward", "total"), ("reward_match", "match"), ("reward_length", "length")], "mean reward"),
+    ("accuracy.png", "Rollout accuracy and malformed responses", [("rollout_accuracy", "rollout accuracy"), ("malformed_frac", "malformed share")], "share"),
+    ("loss.png", "Loss terms", [("ntp_loss", "NTP loss"), ("rl_loss", "RL loss"), ("kl", "KL")], "loss"),
+]
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: str | Path | None = None) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out_dir``; returns the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for d in run_dirs:
+        rows = read_metrics(Path(d))
+        if not rows:
+            raise RMTError(f"{d} has no metrics.jsonl (is it a run folder of `rmt train`?)")
+        runs[Path(d).name] = rows
+    lines = ["# RMT report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
+    eval_data = json.loads(Path(evaluation).read_text()) if evaluation else None
+    if eval_data:
+        lines += ["## Next-token accuracy by tier", "", eval_data.get("table_markdown", ""), ""]
+        if _accuracy_bars(out / "accuracy_by_tier.png", eval_data):
+            lines += ["![accuracy by tier](accuracy_by_tier.png)", ""]
+    lines += ["## Training", ""]
+    for fname, title, keys, ylabel in PLOTS:
+        if _plot(out / fname, title, runs, keys, ylabel):
+            lines += [f"### {title}", "", f"![{title}]({fname})", ""]
+    lines += ["## Final metrics", "", "| run | steps | " + " | ".join(k for k in _SUMMARY_KEYS) + " |",
+              "|---|---|" + "---|" * len(_SUMMARY_KEYS)]
+    for name, rows in runs.items():
+        last = rows[-1]
+        vals = [f"{last[k]:.4g}" if isinstance(last.get(k), int | float) else "–" for k in _SUMMARY_KEYS]
+        lines.append(f"| {name} | {last['step']} | " + " | ".join(vals) + " |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+_SUMMARY_KEYS = ("loss", "ntp_loss", "reward", "rollout_accuracy", "think_len_mean", "budget")

@@ -1,0 +1,185 @@
+"""Hugging Face rollout engine: prefill each prompt once, copy its KV cache to G rows, decode all rows together.
+
+The idea of nanochat's ``Engine.generate`` (SPEC section 5) on top of Hugging Face's cache objects:
+
+1. Prefill: the B prompts, left-padded into one batch, go through one forward pass with an explicit attention mask
+   and ``position_ids = cumsum(mask) - 1``, so padding shifts no position and each row's last column is its last
+   prompt token.
+2. Share: ``cache.batch_repeat_interleave(G)`` turns the B prefix caches into B*G rows (row b*G + i is response i of
+   prompt b), in place; the prefix is computed once, not G times.
+3. Decode: one token for all B*G rows per forward pass. A row that has stopped keeps running with the batch (its
+   later tokens are discarded); the loop ends when every row has stopped or the cap is reached.
+
+``generate_independent`` is the plain reference: it prefills G copies of every prompt and decodes the same rows in
+the same order with the same random draws, so with the same generator it gives the same tokens (tests, benchmark).
+
+Any causal LM whose forward takes ``input_ids, attention_mask, position_ids, past_key_values, use_cache,
+logits_to_keep`` and returns a cache with ``batch_repeat_interleave`` works (every stock model in transformers 5).
+Runs on the model's device and dtype; log-probabilities are computed in float32.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from rmt.rollout.base import Group, Response, RolloutEngine, StopRule, sample_tokens
+
+_REASONS = ("length", "eos", "stop")  # codes 0, 1, 2 of the per-row finish reason tensor
+
+
+def model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+@contextmanager
+def _eval_mode(model):
+    """Dropout off while generating; the caller's train/eval mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The caller's generator, or (when it lives on another device) one on ``device`` seeded from it."""
+    same = generator is not None and generator.device.type == device.type and (
+        device.type == "cpu" or generator.device.index == (device.index or 0)
+    )
+    if generator is None or same:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFEngine(RolloutEngine):
+    """Rollouts with a Hugging Face causal LM and a manual KV-cache decode loop.
+
+    ``pad_id`` only fills left padding (always masked out). ``shared_prefix=False`` prefills G copies of each prompt
+    instead of sharing one prefill (the reference the shared path is checked and benchmarked against).
+    """
+
+    def __init__(self, model, pad_id: int = 0, shared_prefix: bool = True):
+        self.model = model
+        self.pad_id = pad_id
+        self.shared_prefix = shared_prefix
+
+    def generate_groups(
+        self,
+        prompts: list[list[int]],
+        group_size: int,
+        max_new_tokens: int,
+        *,
+        stop: StopRule,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> list[Group]:
+        if group_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size} and {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if not prompts:
+            return []
+        model, G = self.model, group_size
+        device = model_device(model)
+        with torch.inference_mode(), _eval_mode(model):
+            generator = _device_generator(generator, device) if temperature > 0 else None
+            rows = prompts if self.shared_prefix else [p for p in prompts for _ in range(G)]
+            ids, prompt_mask = _left_pad(rows, self.pad_id, device)
+            positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[:, -1].float(), out.past_key_values
+            if self.shared_prefix and G > 1:
+                cache.batch_repeat_interleave(G)
+                logits, prompt_mask = logits.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+            tokens, logprobs, lengths, reasons = _decode(
+                model, logits, cache, prompt_mask, max_new_tokens, stop, temperature, top_p, generator
+            )
+        tokens, logprobs, lengths, reasons = tokens.tolist(), logprobs.tolist(), lengths.tolist(), reasons.tolist()
+        groups = []
+        for b, prompt in enumerate(prompts):
+            responses = []
+            for r in range(b * G, (b + 1) * G):
+                n = lengths[r]
+                responses.append(Response(tokens[r][:n], logprobs[r][:n], _REASONS[reasons[r]]))
+            groups.append(Group(list(prompt), responses))
+        return groups
+
+
+def _decode(model, logits, cache, prompt_mask, max_new_tokens, stop: StopRule, temperature, top_p, generator):
+    """The decode loop over all rows. Returns tokens and logprobs (rows x cap), lengths and finish-reason codes."""
+    n, width = prompt_mask.shape
+    device = logits.device
+    tokens = torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+    reasons = torch.zeros(n, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    since_close = torch.full((n,), -1, dtype=torch.long, device=device)  # tokens after the first </think>; -1 = none yet
+    eos_ids = torch.tensor(stop.eos_ids, dtype=torch.long, device=device)
+    # Every step attends to the prompt (minus its padding) and all tokens generated so far.
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones((n, max_new_tokens))], dim=1)
+    prompt_lens = prompt_mask.sum(-1)
+    for t in range(max_new_tokens):
+        token, logprob = sample_tokens(logits, temperature, top_p, generator)
+        tokens[:, t], logprobs[:, t] = token, logprob
+
+        is_eos = torch.isin(token, eos_ids)
+        is_stop = torch.zeros_like(done)
+        if stop.after_close is not None:
+            since_close = torch.where(since_close >= 0, since_close + 1, torch.where(token == stop.close_id, 0, -1))
+            is_stop = since_close == stop.after_close
+        ends_now = ~done & (is_eos | is_stop)
+        lengths = torch.where(ends_now, t + 1, lengths)
+        reasons = torch.where(ends_now, torch.where(is_eos, 1, 2), reasons)
+        done |= ends_now
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask[:, : width + t + 1],
+            position_ids=(prompt_lens + t)[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits, cache = out.logits[:, -1].float(), out.past_key_values
+    return tokens, logprobs, lengths, reasons
+
+
+def generate_independent(
+    model,
+    prompts: list[list[int]],
+    group_size: int,
+    max_new_tokens: int,
+    *,
+    stop: StopRule,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[Group]:
+    """The reference without prefix sharing: G copies of each prompt are prefilled, then decoded like the engine."""
+    engine = HFEngine(model, pad_id=pad_id, shared_prefix=False)
+    return engine.generate_groups(
+        prompts, group_size, max_new_tokens, stop=stop, temperature=temperature, top_p=top_p, generator=generator
+    )

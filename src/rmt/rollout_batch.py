@@ -1,0 +1,254 @@
+"""The RL side of one training step: RL set C -> prompts -> G rollouts each -> parsed, rewarded, advantages.
+
+Also the one function that turns a batch into log-probabilities for the loss (``forward_logprobs``): the NTP
+targets of the corpus sequences and the response tokens of every rollout. The step loop only calls it, so a faster
+implementation (one shared-prefix pass per corpus sequence) can replace its inside without touching the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rmt import losses, prompts, rewards, sampling, schedules
+from rmt.config import RMTConfig
+from rmt.errors import ModelError
+from rmt.rollout import Group, RolloutEngine, StopRule, make_engine as _make_engine
+from rmt.tiers import TIER_NAMES
+
+PREFIX_CONTINUATION = 16  # true next tokens given to the prefix-matching reward
+
+
+def check_markers(cfg: RMTConfig, tokenizer) -> None:
+    """The thinking markers must be single tokens: the stop rule and the length count depend on it."""
+    if not cfg.train.rl:
+        return
+    for marker in (cfg.prompt.think_open, cfg.prompt.think_close):
+        ids = tokenizer.encode(marker, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ModelError(
+                f"the tokenizer has no single token for {marker!r} (it encodes to {len(ids)} tokens); "
+                "add it (tokenizer.add_tokens and model.resize_token_embeddings) or set prompt.think_open/think_close"
+            )
+    if cfg.prompt.style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ModelError("prompt.style=chat needs a tokenizer with a chat template; use prompt.style=raw for base models")
+
+
+def stop_rule(cfg: RMTConfig, tokenizer) -> StopRule:
+    """Raw first-token answers stop one token after </think>; other rules run to EOS (or the cap)."""
+    after = 1 if cfg.prompt.style == "raw" and cfg.prompt.raw_answer == "first_token" else None
+    return StopRule.from_tokenizer(tokenizer, cfg.prompt.think_close, after_close=after)
+
+
+def make_engine(cfg: RMTConfig, model, tokenizer) -> RolloutEngine:
+    unwrapped = model.module if hasattr(model, "module") else model
+    return _make_engine(cfg.rollout, unwrapped, pad_id=tokenizer.pad_token_id or 0)
+
+
+def context_length(model) -> int:
+    config = (model.module if hasattr(model, "module") else model).config
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def full_ntp_mask(sequences: list[list[int]]) -> np.ndarray:
+    """NTP on every target position (pos >= 1) of every sequence: the mask of the `ntp` preset."""
+    width = max(len(s) for s in sequences)
+    mask = np.zeros((len(sequences), width), dtype=bool)
+    for i, s in enumerate(sequences):
+        mask[i, 1 : len(s)] = True
+    return mask
+
+
+@dataclass
+class RLData:
+    """Everything the loss needs from the rollouts of one step, plus metrics and a few samples."""
+
+    selection: sampling.RLSelection
+    groups: list[Group]  # one per position of C, same order
+    rewards: torch.Tensor  # (|C|, G)
+    advantages: torch.Tensor  # (|C|, G)
+    metrics: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def ntp_mask(self) -> np.ndarray:
+        return self.selection.ntp_mask
+
+    @property
+    def num_responses(self) -> int:
+        return sum(1 for g in self.groups for r in g.responses if r.token_ids)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(r.token_ids) for g in self.groups for r in g.responses)
+
+    def flat(self, seq_subset: set[int] | None = None):
+        """(sequence index, prompt ids, response ids, advantage) of every response, optionally for some sequences."""
+        out = []
+        for (b, _pos), group, adv in zip(self.selection.positions, self.groups, self.advantages):
+            if seq_subset is not None and b not in seq_subset:
+                continue
+            for r, a in zip(group.responses, adv.tolist()):
+                out.append((b, group.prompt_ids, r.token_ids, a))
+        return out
+
+
+def build_prompts(cfg: RMTConfig, tokenizer, sequences, positions, budget, cap: int, max_context: int):
+    """Prompt ids for each RL position; a prefix too long for the context is cut from the left (counted)."""
+    out, cut = [], 0
+    for b, pos in positions:
+        prefix = sequences[b][:pos]
+        ids = prompts.build_prompt_ids(prefix, tokenizer, cfg.prompt, budget)
+        overflow = len(ids) + cap - max_context
+        if overflow > 0:
+            cut += 1
+            ids = prompts.build_prompt_ids(prefix[overflow:], tokenizer, cfg.prompt, budget)
+        out.append(ids)
+    return out, cut
+
+
+def collect(cfg: RMTConfig, batch, budget: int, probs, engine: RolloutEngine, tokenizer, *, position_generator,
+            sample_generator, max_context: int = 1 << 30) -> RLData:
+    """Draw C, roll out G responses per position, parse and reward them, and compute group advantages."""
+    selection = sampling.sample_rl_set(
+        batch.tiers, probs, position_generator,
+        positions_per_sequence=cfg.curriculum.positions_per_sequence, min_prefix=cfg.curriculum.min_prefix,
+    )
+    prompt_budget = budget if cfg.budget.enabled else None
+    cap = schedules.response_cap(prompt_budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)
+    prompt_ids, n_cut = build_prompts(cfg, tokenizer, batch.input_ids, selection.positions, prompt_budget, cap, max_context)
+    stop = stop_rule(cfg, tokenizer)
+
+    t0 = time.perf_counter()
+    groups: list[Group] = []
+    step = cfg.rollout.positions_per_batch
+    for i in range(0, len(prompt_ids), step):
+        groups += engine.generate_groups(
+            prompt_ids[i : i + step], cfg.rollout.group_size, cap, stop=stop,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sample_generator,
+        )
+    rollout_s = time.perf_counter() - t0
+
+    G = cfg.rollout.group_size
+    reward_rows, parsed_all, reward_parts = [], [], []
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    k = 1 if cfg.reward.match == "exact" else PREFIX_CONTINUATION
+    for (b, pos), group in zip(selection.positions, groups):
+        continuation = rewards.continuation_pieces(batch.input_ids[b][pos : pos + k], decode)
+        row = []
+        for resp in group.responses:
+            parsed = prompts.parse_response(resp.token_ids, tokenizer, cfg.prompt, truncated=resp.truncated)
+            rw = rewards.response_reward(parsed.prediction, parsed.think_tokens, continuation, prompt_budget, cfg.reward)
+            row.append(rw.total)
+            parsed_all.append(parsed)
+            reward_parts.append(rw)
+        reward_rows.append(row)
+    reward_t = torch.tensor(reward_rows, dtype=torch.float32).reshape(len(groups), G)
+    advantages = losses.group_advantages(reward_t, cfg.grpo.adv_eps)
+
+    data = RLData(selection, groups, reward_t, advantages)
+    data.metrics = _metrics(cfg, batch, data, parsed_all, reward_parts, budget, cap, n_cut, rollout_s)
+    data.samples = _samples(batch, data, parsed_all, reward_parts, tokenizer, decode)
+    return data
+
+
+def _metrics(cfg, batch, data: RLData, parsed, parts, budget, cap, n_cut, rollout_s) -> dict:
+    n_pos = len(data.groups)
+    m = {"rl_positions": n_pos, "response_cap": cap, "prompts_truncated": n_cut}
+    counts = data.selection.tier_counts()
+    for tier, n in counts.items():
+        m[f"tier_{TIER_NAMES[tier]}"] = n
+        m[f"frac_{TIER_NAMES[tier]}"] = n / n_pos if n_pos else 0.0
+    if not parsed:
+        return m
+    think = np.array([p.think_tokens for p in parsed], dtype=np.float64)
+    match = np.array([r.match for r in parts])
+    new_tokens = data.num_response_tokens
+    m.update(
+        reward=float(np.mean([r.total for r in parts])),
+        reward_match=float(match.mean()),
+        reward_length=float(np.mean([r.length for r in parts])),
+        rollout_accuracy=float((match == 1.0).mean()),
+        think_len_mean=float(think.mean()),
+        think_len_p90=float(np.percentile(think, 90)),
+        response_len_mean=new_tokens / len(parsed),
+        malformed_frac=float(np.mean([not p.ok for p in parsed])),
+        truncated_frac=float(np.mean([r.truncated for g in data.groups for r in g.responses])),
+        mixed_groups_frac=float((data.rewards.std(dim=1) > 0).float().mean()),
+        rollout_tokens_per_s=new_tokens / max(rollout_s, 1e-9),
+    )
+    if batch.computed:
+        G = cfg.rollout.group_size
+        kinds = np.array([batch.computed[b][pos] for b, pos in data.selection.positions], dtype=bool).repeat(G)
+        for name, sel in (("computed", kinds), ("random", ~kinds)):
+            if sel.any():
+                m[f"rollout_accuracy_{name}"] = float((match[sel] == 1.0).mean())
+    return m
+
+
+def _samples(batch, data: RLData, parsed, parts, tokenizer, decode, n: int = 2) -> list[dict]:
+    G = len(data.groups[0].responses) if data.groups else 0
+    out = []
+    for i, ((b, pos), group) in enumerate(zip(data.selection.positions[:n], data.groups[:n])):
+        resp = group.responses[0]
+        out.append({
+            "prompt_tail": decode(batch.input_ids[b][max(0, pos - 32) : pos]),
+            "target": decode([batch.input_ids[b][pos]]),
+            "response": decode(resp.token_ids),
+            "status": parsed[i * G].status,
+            "prediction": parsed[i * G].prediction,
+            "reward": parts[i * G].total,
+        })
+    return out
+
+
+@dataclass
+class ForwardOut:
+    ntp_logprobs: torch.Tensor | None  # (B, L): log p(ids[pos] | ids[:pos]); column 0 is 0
+    response: torch.Tensor | None  # (N, R): log p of each response token (temperature-scaled logits)
+    response_mask: torch.Tensor | None  # (N, R) bool
+
+
+def _pad(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def forward_logprobs(model, sequences: list[list[int]] | None, responses: list[tuple[list[int], list[int]]] | None,
+                     temperature: float, pad_id: int = 0) -> ForwardOut:
+    """Log-probabilities for the loss: NTP targets of ``sequences`` and the tokens of each (prompt, response).
+
+    Plain implementation: one forward over the padded sequences, one over the left-padded prompt+response rows
+    keeping only the logits of the response positions (``logits_to_keep``), so memory grows with the response
+    length rather than the prompt's.
+    """
+    device = next(model.parameters()).device
+    ntp = None
+    if sequences:
+        ids, mask = _pad(sequences, pad_id, left=False, device=device)
+        ntp = losses.target_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+    resp = resp_mask = None
+    if responses:
+        rows = [p + r for p, r in responses]
+        ids, mask = _pad(rows, pad_id, left=True, device=device)
+        R = max(len(r) for _, r in responses)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=R + 1).logits
+        # logits[:, j] predicts token at column width - R - 1 + j + 1; response tokens sit in the last R columns.
+        logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+        resp = logp.gather(-1, ids[:, -R:, None]).squeeze(-1)
+        resp_mask = torch.zeros((len(rows), R), dtype=torch.bool, device=device)
+        for i, (_, r) in enumerate(responses):
+            if r:
+                resp_mask[i, R - len(r) :] = True
+        resp = resp * resp_mask
+    return ForwardOut(ntp, resp, resp_mask)

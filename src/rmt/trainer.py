@@ -1,0 +1,340 @@
+"""`rmt train`: the RMT step loop (SPEC section 2, step 4), and the baselines as presets of the same loop.
+
+One step, top to bottom:
+  sequences of this step -> B_t and p_t -> RL set C and NTP mask -> prompts for C -> G rollouts per position
+  -> parse, reward (match + length) -> group advantages -> policy loss on response tokens + lambda * NTP loss
+  -> optimizer step -> metrics.
+T is the number of optimizer steps. A step consumes ``train.sequences_per_step`` corpus sequences (over all
+processes); every RL position of those sequences gets ``rollout.group_size`` responses.
+
+All randomness of a step (which positions, which samples) is drawn from generators seeded by
+(train.seed, step, process), and the data order by (train.seed, epoch): a run resumed from a checkpoint
+draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmt import losses, rollout_batch, schedules
+from rmt.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint
+from rmt.config import RMTConfig
+from rmt.errors import CheckpointError, DataError
+from rmt.run_dir import MetricsLog, open_run_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """The corpus sequences one process trains on in one step."""
+
+    input_ids: list[list[int]]
+    tiers: list[list[int]]
+    computed: list[list[int]] = field(default_factory=list)
+
+
+def total_steps(cfg: RMTConfig, n_sequences: int) -> int:
+    """T: train.total_steps, or enough steps for train.epochs passes over the training split."""
+    if cfg.train.total_steps is not None:
+        return cfg.train.total_steps
+    return max(1, math.ceil(cfg.train.epochs * n_sequences / cfg.train.sequences_per_step))
+
+
+def batch_indices(step: int, per_step: int, n: int, seed: int) -> np.ndarray:
+    """Row indices of step ``step``: a seeded permutation per epoch, read as one endless stream."""
+    start = step * per_step
+    out = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset : offset + per_step - len(out)].tolist())
+    return np.asarray(out)
+
+
+def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    """A generator for one purpose (stream) of one step on one process: exact under resume."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0]))
+    return g
+
+
+def make_scheduler(cfg: RMTConfig, optimizer, total: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
+
+
+class _StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
+    """Train according to ``cfg``; resumes from the newest checkpoint of ``output.dir``. Returns the run folder."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, resolve_model_path, resolve_tokenizer_path
+    from rmt.scoring import load_scored
+
+    run_dir = Path(cfg.output.dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+        project_dir=str(run_dir),
+        cpu=not torch.cuda.is_available(),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.train.sequences_per_step % (world * cfg.train.grad_accum):
+        raise DataError(
+            f"train.sequences_per_step={cfg.train.sequences_per_step} must be divisible by processes ({world}) x "
+            f"train.grad_accum ({cfg.train.grad_accum})"
+        )
+    if accelerator.is_main_process:
+        open_run_dir(cfg, run_dir)
+    accelerator.wait_for_everyone()
+
+    data = load_scored(cfg.data.prepared_dir, "train")
+    if len(data) == 0:
+        raise DataError(f"the training split in {cfg.data.prepared_dir} is empty")
+    T = total_steps(cfg, len(data))
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
+    if model is None:
+        model = load_model(resolve_model_path(cfg), cfg, accelerator.device)
+    check_tokenizer_matches_model(tokenizer, model)
+    rollout_batch.check_markers(cfg, tokenizer)
+    ref_model = None
+    if cfg.train.rl and cfg.grpo.kl_beta > 0:
+        ref_model = load_model(resolve_model_path(cfg), cfg, accelerator.device).eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
+    )
+    scheduler = make_scheduler(cfg, optimizer, T)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start_step = 0
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        start_step = state["step"]
+        log.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, T)
+    if start_step >= T:
+        log.info("run %s already finished (%d of %d steps); nothing to do", run_dir, start_step, T)
+        return run_dir
+
+    metrics_log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
+    metrics_log.truncate_after(start_step)
+    if cfg.train.tracker != "none":
+        accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
+    engine = rollout_batch.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
+
+    nonfinite_in_a_row = 0
+    bar = tqdm(total=T, initial=start_step, desc=f"train {cfg.preset}", disable=not accelerator.is_main_process)
+    step = start_step
+    with _StopFlag() as stop:
+        while step < T and not stop.requested:
+            t0 = time.perf_counter()
+            rows = batch_indices(step, cfg.train.sequences_per_step, len(data), cfg.train.seed)[rank::world]
+            picked = data.select(rows.tolist())
+            batch = Batch(picked["input_ids"], picked["tier"], picked["computed"])
+            metrics, samples = train_step(cfg, step, T, batch, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator)
+            metrics["time_step_s"] = time.perf_counter() - t0
+            if not metrics.pop("finite"):
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_a_row} consecutive non-finite steps (train.max_nonfinite); "
+                        "lower train.lr or check the data"
+                    )
+            else:
+                nonfinite_in_a_row = 0
+            step += 1
+            if step % cfg.train.log_every == 0 or step == T:
+                metrics_log.log(step, metrics)
+            if step % cfg.train.sample_every == 0:
+                metrics_log.samples(step, samples)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "budget", "ntp_loss") if k in metrics})
+            if step % cfg.train.save_every == 0 or step == T or stop.requested:
+                _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator)
+    bar.close()
+    if step >= T and accelerator.is_main_process:
+        final = run_dir / "final"
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(str(final), safe_serialization=True)
+        tokenizer.save_pretrained(str(final))
+        log.info("finished: model saved to %s", final)
+    accelerator.end_training()
+    return run_dir
+
+
+def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(
+            run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+            {"preset": cfg.preset}, cfg.train.keep_last,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def train_step(cfg, step, T, batch, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator):
+    """One optimizer step (mu of them on the same rollouts when grpo.num_iterations > 1).
+
+    Returns (metrics, sample completions); metrics["finite"] is False when the step was skipped.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    budget = schedules.budget_at(step, T, cfg.budget)
+    probs = schedules.tier_probs_at(step, T, cfg.curriculum)
+    metrics = {"budget": budget, "lr": scheduler.get_last_lr()[0], "p_easy": probs[0], "p_medium": probs[1], "p_hard": probs[2]}
+
+    rl = None
+    if cfg.train.rl:
+        t0 = time.perf_counter()
+        rl = rollout_batch.collect(
+            cfg, batch, budget, probs, engine, tokenizer,
+            position_generator=step_generator(cfg.train.seed, step, rank, 0),
+            sample_generator=step_generator(cfg.train.seed, step, rank, 1),
+            max_context=rollout_batch.context_length(model),
+        )
+        metrics.update(rl.metrics)
+        metrics["time_rollout_s"] = time.perf_counter() - t0
+    use_ntp = cfg.ntp.weight > 0
+    ntp_mask = rl.ntp_mask if rl is not None else rollout_batch.full_ntp_mask(batch.input_ids)
+
+    # Global counts: each loss term is normalised by its own count over all processes and micro-batches.
+    counts = torch.tensor(
+        [float(ntp_mask.sum()) if use_ntp else 0.0, float(rl.num_response_tokens if rl else 0), float(rl.num_responses if rl else 0)],
+        device=accelerator.device,
+    )
+    counts = accelerator.reduce(counts, reduction="sum")
+    norm = losses.Normalizers(
+        ntp_tokens=counts[0].item() or None, rl_tokens=counts[1].item() or None, rl_sequences=counts[2].item() or None,
+        rl_horizon=rl.metrics.get("response_cap") if rl else None,
+    )
+    if counts.sum().item() == 0:
+        metrics.update(finite=True, skipped_empty=1, loss=0.0)
+        return metrics, []
+
+    pad_id = tokenizer.pad_token_id or 0
+    micro = [list(m) for m in np.array_split(np.arange(len(batch.input_ids)), cfg.train.grad_accum)]
+
+    def micro_inputs(seqs):
+        responses = rl.flat(set(seqs)) if rl is not None else []
+        pairs = [(p, r) for _, p, r, _ in responses]
+        adv = torch.tensor([a for *_, a in responses], dtype=torch.float32, device=accelerator.device)[:, None]
+        width = max(len(batch.input_ids[i]) for i in seqs)
+        mask = torch.as_tensor(ntp_mask[seqs][:, :width], device=accelerator.device)
+        return [batch.input_ids[i] for i in seqs], pairs, adv, mask
+
+    old_lp, ref_lp = [None] * len(micro), [None] * len(micro)
+    if rl is not None and (cfg.grpo.num_iterations > 1 or ref_model is not None):
+        with torch.no_grad():
+            for k, seqs in enumerate(micro):
+                _, pairs, _, _ = micro_inputs(seqs)
+                if pairs and cfg.grpo.num_iterations > 1:
+                    old_lp[k] = rollout_batch.forward_logprobs(model, None, pairs, cfg.rollout.temperature, pad_id).response
+                if pairs and ref_model is not None:
+                    ref_lp[k] = rollout_batch.forward_logprobs(ref_model, None, pairs, cfg.rollout.temperature, pad_id).response
+
+    model.train()
+    t0 = time.perf_counter()
+    finite, grad_norm, totals = True, None, {}
+    for _ in range(cfg.grpo.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        totals = {}
+        for k, seqs in enumerate(micro):
+            seqs_ids, pairs, adv, mask = micro_inputs(seqs)
+            sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                out = rollout_batch.forward_logprobs(model, seqs_ids if use_ntp else None, pairs or None, cfg.rollout.temperature, pad_id)
+                terms = losses.unified_loss(
+                    grpo=cfg.grpo, ntp_weight=cfg.ntp.weight,
+                    logprobs=out.response, advantages=adv if pairs else None, response_mask=out.response_mask,
+                    old_logprobs=old_lp[k], ref_logprobs=ref_lp[k],
+                    ntp_logprobs=out.ntp_logprobs, ntp_mask=mask if use_ntp else None,
+                    norm=norm, world_size=world,
+                )
+                if not torch.isfinite(terms.loss):
+                    finite = False
+                    break
+                if terms.loss.requires_grad:
+                    accelerator.backward(terms.loss)
+            for key, v in terms.metrics().items():
+                totals[key] = totals.get(key, 0.0) + v / (world if key == "loss" else 1)
+        if finite and cfg.train.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics["time_train_s"] = time.perf_counter() - t0
+    metrics["finite"] = finite
+    metrics.update(
+        loss=totals.get("loss", float("nan")), ntp_loss=totals.get("ntp", 0.0), rl_loss=totals.get("rl", 0.0),
+        policy_loss=totals.get("policy", 0.0), kl=totals.get("kl", 0.0), clip_fraction=totals.get("clip_fraction", 0.0),
+        ntp_tokens=totals.get("ntp_tokens", 0), rl_tokens=totals.get("rl_tokens", 0),
+    )
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    n_tokens = sum(len(s) for s in batch.input_ids) + (rl.num_response_tokens if rl else 0)
+    metrics["train_tokens_per_s"] = n_tokens * cfg.grpo.num_iterations / max(metrics["time_train_s"], 1e-9)
+    if torch.cuda.is_available():
+        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics, (rl.samples if rl else [])
+
+
+def load_run_state(run_dir: Path) -> dict:
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"no checkpoint in {run_dir}")
+    return load_trainer_state(ckpts[-1])

@@ -1,0 +1,165 @@
+"""The embedded corpus: deterministic bytes, disjoint splits, the documented formats, the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from rmt.config import EmbeddedConfig, load_config
+from rmt.data import embedded
+from rmt.data.embedded import (
+    Problem,
+    build_corpus,
+    draw_problems,
+    ensure_embedded,
+    parse_problem,
+    render_plain,
+    render_think,
+    score_posttrain,
+    write_corpus,
+)
+from rmt.errors import DataError
+
+SMALL = dict(base_problems=400, midtrain_problems=80, eval_problems=40, posttrain_problems=20)
+
+# sha256 of the files written by write_corpus(EmbeddedConfig(seed=0, **SMALL)) with reasoning-gym 0.1.25.
+# A change here means the default corpus changed: bump CORPUS_FORMAT and say so in the changelog.
+EXPECTED_SHA256 = {
+    "base": "e28b2a030effee11c01d55efb59481e49b48f44ac01582bc54c386ed5236df6b",
+    "midtrain": "16d19991a51664baf5ecb4b09dbdef46f2448c439c36116add1a2d6bf8d66c52",
+    "eval": "5b79c519b2cd9d7f3a2fff5abe672223764cd473d9f4ba1b9862f2168d5b2eab",
+    "posttrain": "9d230aed2547ac1cbd20a5db750ee05dc9c81d654f782bedf79aafd43bd3d6fc",
+}
+
+
+def _entry(expression: str, answer: str) -> dict:
+    return {"question": f"... {expression} =", "answer": answer, "metadata": {"source_dataset": "chain_sum", "expression": expression}}
+
+
+def test_render_think_and_plain():
+    p = parse_problem(_entry("5 - 1 + 4", "8"))
+    assert p.expression == "5-1+4"
+    assert render_think(p) == "5-1+4=<think>5-1=4;4+4=8</think>8"
+    line, (a, b) = render_plain(p)
+    assert line == "5-1+4=8" and line[a:b] == "8"
+    neg = parse_problem(_entry("1 - 5 - 9", "-13"))
+    assert render_think(neg) == "1-5-9=<think>1-5=-4;-4-9=-13</think>-13"
+    line, (a, b) = render_plain(neg)
+    assert line[a:b] == "-13"
+
+
+def test_parse_rejects_wrong_answer():
+    with pytest.raises(DataError):
+        parse_problem(_entry("5 - 1", "3"))
+
+
+def test_corpus_is_deterministic_and_matches_checked_in_hashes(tmp_path):
+    cfg = EmbeddedConfig(seed=0, **SMALL)
+    assert build_corpus(cfg) == build_corpus(cfg)
+    m1 = write_corpus(cfg, tmp_path / "a")
+    m2 = write_corpus(cfg, tmp_path / "b")
+    for split in embedded.SPLITS:
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+    assert m1 == m2
+    got = {s: m1["files"][s]["sha256"] for s in embedded.SPLITS}
+    assert got == EXPECTED_SHA256, got
+    other = write_corpus(EmbeddedConfig(seed=1, **SMALL), tmp_path / "c")
+    assert other["files"]["midtrain"]["sha256"] != got["midtrain"]
+
+
+def test_splits_are_disjoint_and_held_out_splits_have_no_repeats():
+    problems = draw_problems(EmbeddedConfig(seed=3, **SMALL))
+    keys = {s: [p.expression for p in ps] for s, ps in problems.items()}
+    assert {s: len(k) for s, k in keys.items()} == {
+        "base": 400, "midtrain": 80, "eval": 40, "posttrain": 20,
+    }
+    for s in ("midtrain", "eval", "posttrain"):
+        assert len(set(keys[s])) == len(keys[s])
+    names = list(keys)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not set(keys[a]) & set(keys[b]), (a, b)
+
+
+def test_document_formats():
+    cfg = EmbeddedConfig(seed=0, problems_per_doc=4, **SMALL)
+    corpus = build_corpus(cfg)
+    for split in ("midtrain", "eval"):
+        for doc in corpus[split]:
+            text, spans = doc["text"], doc["computed_spans"]
+            assert "<think>" not in text and "</think>" not in text
+            lines = text.split("\n")
+            assert len(lines) == len(spans) <= 4
+            for line, (a, b) in zip(lines, spans):
+                # each span is exactly the answer after '=' on its line
+                assert text[a:b] == line.split("=")[1]
+                assert text[b : b + 1] in ("", "\n")
+    think_docs = [d for d in corpus["base"] if d["think"]]
+    plain_docs = [d for d in corpus["base"] if not d["think"]]
+    assert think_docs and plain_docs
+    assert all(line.count("<think>") == 1 for d in think_docs for line in d["text"].split("\n"))
+    assert all("<think>" not in d["text"] for d in plain_docs)
+    share = len(think_docs) / len(corpus["base"])
+    assert 0.3 < share < 0.7
+
+
+def test_posttrain_records_are_verifiable():
+    records = build_corpus(EmbeddedConfig(seed=0, **SMALL))["posttrain"]
+    r = records[0]
+    assert r["prompt"].endswith("=") and " " not in r["prompt"]
+    assert score_posttrain(r, r["answer"]) == 1.0
+    assert score_posttrain(r, str(int(r["answer"]) + 1)) == 0.0
+    assert score_posttrain(r, None) == 0.0
+    json.dumps(r)  # JSON-ready
+
+
+def test_problem_space_too_small_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(embedded, "STALL_DRAWS", 5_000)
+    cfg = EmbeddedConfig(min_terms=2, max_terms=2, base_problems=10, midtrain_problems=5_000, eval_problems=5, posttrain_problems=5)
+    with pytest.raises(DataError, match="too small"):
+        draw_problems(cfg)
+
+
+def test_ensure_embedded_builds_once_and_honours_rmt_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMT_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"embedded.{k}={v}" for k, v in SMALL.items()])
+    arts = ensure_embedded(cfg, model=False)
+    assert arts.root.is_relative_to(tmp_path / "cache")
+    for path in (arts.base_path, arts.midtrain_path, arts.eval_path, arts.posttrain_path, arts.tokenizer_dir / "tokenizer.json"):
+        assert path.is_file(), path
+    first = {p: p.stat().st_mtime_ns for p in arts.root.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(embedded, "write_corpus", boom)
+    monkeypatch.setattr("rmt.data.tokenizer.train_tokenizer", boom)
+    again = ensure_embedded(cfg, model=False)
+    assert again == arts
+    assert {p: p.stat().st_mtime_ns for p in arts.root.rglob("*") if p.is_file()} == first
+    # another seed is another cache entry; the cache key ignores where the cache is
+    other = load_config(None, [f"embedded.{k}={v}" for k, v in SMALL.items()] + ["embedded.seed=5"])
+    assert embedded.embedded_paths(other).root != arts.root
+
+
+def test_corpus_hash_of_file_matches_manifest(tmp_path):
+    manifest = write_corpus(EmbeddedConfig(seed=2, **SMALL), tmp_path)
+    for split in embedded.SPLITS:
+        data = (tmp_path / f"{split}.jsonl").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == manifest["files"][split]["sha256"]
+        assert data.decode().count("\n") == manifest["files"][split]["records"]
+
+
+def test_problem_steps_are_left_to_right():
+    p = Problem((3, 4, 9), ("-", "+"), _entry("3 - 4 + 9", "8"))
+    assert p.steps() == ["3-4=-1", "-1+9=8"]
+
+
+def test_held_out_splits_do_not_depend_on_the_base_size():
+    small = build_corpus(EmbeddedConfig(seed=0, **SMALL))
+    bigger = build_corpus(EmbeddedConfig(seed=0, **{**SMALL, "base_problems": 3_000}))
+    for split in ("midtrain", "eval", "posttrain"):
+        assert small[split] == bigger[split]
+    assert small["base"] == bigger["base"][: len(small["base"])]
