@@ -116,5 +116,56 @@ def train(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = Ov
     sys.stdout.write(f"run folder: {run_dir}\n")
 
 
+@app.command("eval")
+def eval_cmd(
+    config: Optional[str] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+    model: Optional[list[str]] = typer.Option(
+        None, "--model", "-m",
+        help="NAME=PATH, repeatable, in table order (a run folder stands for its final model). "
+        "Default: base = model.path, plus output.dir/final when it exists. The reasoning row of `base` is `ntr`.",
+    ),
+    mode: Optional[list[str]] = typer.Option(None, "--mode", help="ntp, reasoning or both (repeatable); sets eval.modes."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Row or model name the relative change is against (eval.baseline)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Thinking budget in reasoning mode (eval.budget); default: the final B_T."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="JSON output (default output.dir/eval.json); the table goes beside it as .md."),
+) -> None:
+    """Next-token accuracy by entropy tier on the fixed held-out set, one comparison table for all models."""
+    from rmt.evaluate import evaluate, parse_model_specs
+
+    extra = list(overrides or [])
+    if mode:
+        modes = [m for x in mode for m in (("ntp", "reasoning") if x == "both" else (x,))]
+        extra.append(f"eval.modes=[{','.join(dict.fromkeys(modes))}]")
+    if budget is not None:
+        extra.append(f"eval.budget={budget}")
+    cfg = _config(config, extra)
+    if baseline is not None:
+        cfg.eval.baseline = baseline  # a name, kept as text (an override would read "1" as a number)
+    try:
+        models = parse_model_specs(model or [])
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    result = _run(evaluate, cfg, models or None, out)
+    sys.stdout.write(result["table_markdown"] + "\n")
+
+
+@app.command()
+def report(
+    runs: Optional[list[str]] = typer.Argument(None, help="Run folders of `rmt train` (metrics.jsonl) to plot."),
+    evaluation: Optional[str] = typer.Option(None, "--eval", "-e", help="Evaluation JSON of `rmt eval` to include."),
+    out: str = typer.Option("runs/report", "--out", "-o", help="Folder for report.md and its plots."),
+) -> None:
+    """A markdown report with plots from run folders and an evaluation JSON."""
+    from rmt.report import write_report
+
+    if not runs and not evaluation:
+        console.print("[red]error:[/red] give at least one run folder or --eval FILE")
+        raise typer.Exit(2)
+    path = _run(write_report, runs or [], out, evaluation)
+    sys.stdout.write(f"report: {path}\n")
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()

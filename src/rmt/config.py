@@ -239,12 +239,29 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    """`rmt eval`: next-token accuracy by entropy tier on a fixed, seeded set of held-out positions (SPEC section 4)."""
+
     positions_per_tier: int = Field(200, ge=1, description="Held-out positions per tier in the fixed evaluation set.")
-    seed: int = Field(1234, description="Seed of the evaluation set (fixed, so every method is judged on the same positions).")
-    budget: int | None = Field(None, ge=1, description="Thinking budget in reasoning mode; None = the run's final B_T.")
-    samples: int = Field(1, ge=1, description="Samples per position; 1 = greedy.")
+    seed: int = Field(1234, description="Seed of the evaluation set (fixed, so every method is judged on the same positions) and of sampling.")
+    modes: list[Literal["ntp", "reasoning"]] = Field(
+        ["ntp", "reasoning"],
+        min_length=1,
+        description="ntp = argmax next token; reasoning = think with the prompt template, then predict (greedy, or eval.samples samples).",
+    )
+    budget: int | None = Field(
+        None, ge=1, description="Thinking budget in reasoning mode; None = the run's final B_T (none when budget.enabled is off)."
+    )
+    samples: int = Field(1, ge=1, description="Samples per position in reasoning mode; 1 = greedy, > 1 adds pass@k.")
     temperature: float = Field(1.0, gt=0.0, description="Temperature when samples > 1.")
-    baseline: str | None = Field(None, description="Name of the checkpoint the relative change is measured against.")
+    batch_size: int = Field(16, ge=1, description="Positions per batched generate call (reasoning) and sequences per forward (ntp).")
+    ntp_exclude_markers: bool = Field(
+        True,
+        description="NTP mode: the argmax skips the thinking markers, which a model pre-trained with scratchpads may rank "
+        "first where the corpus has none (same for every model).",
+    )
+    baseline: str | None = Field(
+        None, description="Row (or model name) the relative change is measured against; None = the first row of the table."
+    )
 
 
 class OutputConfig(Section):
@@ -334,6 +351,62 @@ class PretrainConfig(Section):
         return self
 
 
+class PosttrainConfig(Section):
+    """`rmt posttrain`: GRPO with a verifiable reward on question/answer pairs, started from a base or a mid-trained
+    checkpoint (model.path) -- the paper's post-training transfer (SPEC section 4). The same losses and rollout
+    engine as `rmt train`: rollouts from rollout.* (group_size, temperature, top_p, engine), the loss from grpo.*,
+    optimizer, schedule, seed, precision, checkpoints, logging and tracker from train.* (except lr and the step count,
+    which are here)."""
+
+    data: str | None = Field(
+        None, description="Question/answer pairs: a .jsonl or .parquet file. None = the embedded default's post-training split."
+    )
+    format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="Format of posttrain.data / eval_data; auto = by extension.")
+    question_field: str = Field("question", description="Field holding the question (the embedded split uses its own 'prompt' field).")
+    answer_field: str = Field("answer", description="Field holding the reference answer (numbers are read as text).")
+    eval_data: str | None = Field(
+        None, description="Held-out question set, same format and fields. None = the last posttrain.eval_size questions of the data, kept out of training."
+    )
+    eval_size: int = Field(200, ge=0, description="Questions held out for evaluation when eval_data is None (0 = none).")
+    eval_batch_size: int = Field(64, ge=1, description="Questions generated together (greedy) during evaluation.")
+    verifier: str = Field(
+        "auto",
+        description="Reward verifier: exact | math_verify | reasoning_gym | a user's 'package.module:function' called as "
+        "fn(prediction: str | None, answer: str, record: dict) -> float in [0, 1]. auto = reasoning_gym for the embedded "
+        "default, math_verify for posttrain.data.",
+    )
+    format_weight: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="w_f in r = (1 - w_f) r_verify + w_f r_format; r_format = 1 when the response closes </think> and has a parsable answer.",
+    )
+    prompt_style: Literal["raw", "chat"] = Field("raw", description="raw = base-model template; chat = the tokenizer's chat template (instruct models).")
+    raw_template: str = Field(
+        "{question}<think>",
+        description="Raw prompt with {question}. The default matches how the embedded base model saw worked problems (`5-1+4=<think>...`).",
+    )
+    raw_answer: Literal["line", "boxed"] = Field(
+        "line", description="Raw responses: the answer is the rest of the line after </think> (up to newline / EOS), or the last \\boxed{}."
+    )
+    add_bos: bool = Field(True, description="Start raw prompts with the tokenizer's BOS token when it has one (as in pre-training documents).")
+    chat_system: str = Field("", description="System message for chat prompts (empty = none).")
+    chat_user: str = Field(
+        "{question}\n\nThink step by step inside <think></think>, then give the final answer in \\boxed{{}}.",
+        description="User message for chat prompts; {question} is filled in (literal braces doubled). The answer is the last \\boxed{} after </think>.",
+    )
+    max_response_tokens: int = Field(64, ge=2, description="Cap on response tokens (paper: 4096; 64 covers the embedded demo's ~20-token reasoning).")
+    questions_per_step: int = Field(8, ge=1, description="Questions per optimizer step (global); each gets rollout.group_size responses.")
+    steps: int = Field(100, ge=1, description="Optimizer steps (the same budget for every starting checkpoint, SPEC section 4).")
+    lr: float = Field(1e-5, gt=0.0, description="Learning rate of post-training (train.lr is mid-training's).")
+    output_dir: str = Field("runs/posttrain", description="Run directory: checkpoints, metrics.jsonl, samples.jsonl, eval.json, final/.")
+
+    @model_validator(mode="after")
+    def _templates(self) -> "PosttrainConfig":
+        for name in ("raw_template", "chat_user"):
+            if getattr(self, name).count("{question}") != 1:
+                raise ValueError(f"posttrain.{name} must contain {{question}} exactly once, got {getattr(self, name)!r}")
+        return self
+
+
 class RMTConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -353,6 +426,7 @@ class RMTConfig(Section):
     output: OutputConfig = OutputConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    posttrain: PosttrainConfig = PosttrainConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> "RMTConfig":

@@ -35,6 +35,10 @@ DONE_FILE = "pretrain_done.json"
 RUN_FILE = "pretrain_run.json"
 CKPT_DIR = "checkpoints"
 TOKENIZE_BATCH = 1024
+# pretrain fields that do not change the trained weights: left out of a run's identity and of the cache key
+BOOKKEEPING_FIELDS = frozenset(
+    {"corpus", "tokenizer", "output_dir", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "probe_problems"}
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,13 +231,11 @@ def is_complete(output_dir: str | Path) -> bool:
 
 
 def _run_identity(pcfg: PretrainConfig, corpus: Path, tokenizer_dir: Path | None, text_field: str) -> dict:
-    from rmt.data.embedded import _BOOKKEEPING
-
     return {
         "corpus": str(corpus.resolve()),
         "tokenizer": str(tokenizer_dir.resolve()) if tokenizer_dir else None,
         "text_field": text_field,
-        "pretrain": pcfg.model_dump(mode="json", exclude=_BOOKKEEPING),
+        "pretrain": pcfg.model_dump(mode="json", exclude=set(BOOKKEEPING_FIELDS)),
     }
 
 
@@ -352,7 +354,14 @@ def train_base_model(
             loss_v = loss.item()
             loss_ema = loss_v if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_v
             tok_s = (tokens - start_tokens) / max(1e-9, time.perf_counter() - start_time)
-            record = {"step": step, "loss": loss_v, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tok_s}
+            record = {
+                "step": step,
+                "loss": loss_v,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "tokens_per_s": tok_s,
+            }
             if step % pcfg.eval_every == 0 or step == pcfg.steps:
                 record.update(evaluate_rows(model, held_rows, bf16))
             metrics.write(json.dumps(record) + "\n")

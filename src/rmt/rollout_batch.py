@@ -116,6 +116,7 @@ def collect(cfg: RMTConfig, batch, budget: int, probs, engine: RolloutEngine, to
     selection = sampling.sample_rl_set(
         batch.tiers, probs, position_generator,
         positions_per_sequence=cfg.curriculum.positions_per_sequence, min_prefix=cfg.curriculum.min_prefix,
+        max_positions=cfg.curriculum.max_positions_per_batch,
     )
     prompt_budget = budget if cfg.budget.enabled else None
     cap = schedules.response_cap(prompt_budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)

@@ -11,6 +11,8 @@ import yaml
 from rmt.config import RMTConfig, config_to_yaml
 from rmt.errors import CheckpointError
 
+# Sections that do not affect what `rmt train` computes (evaluation, other stages).
+RESUMABLE_SECTIONS = {"eval", "posttrain"}
 # Fields that may change between a run and its resumption without changing what the run computes.
 RESUMABLE_CHANGES = {("output", "overwrite"), ("train", "tracker"), ("train", "log_every"), ("train", "sample_every"),
                      ("train", "save_every"), ("train", "keep_last")}
@@ -38,7 +40,7 @@ def open_run_dir(cfg: RMTConfig, run_dir: Path) -> None:
     if cfg_file.is_file():
         old = yaml.safe_load(cfg_file.read_text())
         new = cfg.model_dump(mode="json")
-        changed = [d for d in _diff(old, new) if d not in RESUMABLE_CHANGES]
+        changed = [d for d in _diff(old, new) if d not in RESUMABLE_CHANGES and d[0] not in RESUMABLE_SECTIONS]
         if changed and not cfg.output.overwrite:
             names = ", ".join(".".join(d) for d in changed[:6])
             raise CheckpointError(

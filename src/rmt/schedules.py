@@ -94,7 +94,9 @@ def knot_probs(fraction: float, knots: Sequence[tuple[float, Sequence[float]]]) 
     return _normalised(knots[-1][1])
 
 
-def curriculum_probs(step: int, total_steps: int, p_early: Sequence[float], p_late: Sequence[float], t1: float, t2: float) -> Probs:
+def curriculum_probs(
+    step: int, total_steps: int, p_early: Sequence[float], p_late: Sequence[float], t1: float, t2: float
+) -> Probs:
     """p_t of the paper: p_early for t < t1*T; linear from p_early to p_late for t1*T <= t < t2*T with
     tau = (t - t1*T) / (t2*T - t1*T); p_late for t >= t2*T. t1 and t2 are fractions of T (paper: 0.3, 0.7)."""
     if total_steps < 1:

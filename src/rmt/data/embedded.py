@@ -261,10 +261,6 @@ class EmbeddedArtifacts:
     base_model_dir: Path
 
 
-# pretrain fields that do not change the trained weights: left out of the model's cache key
-_BOOKKEEPING = {"corpus", "tokenizer", "output_dir", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "probe_problems"}
-
-
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -288,7 +284,10 @@ def tokenizer_key(cfg: RMTConfig) -> str:
 
 
 def model_key(cfg: RMTConfig) -> str:
-    return _key({"tokenizer": tokenizer_key(cfg), "pretrain": cfg.pretrain.model_dump(mode="json", exclude=_BOOKKEEPING)})
+    from rmt.pretrain import BOOKKEEPING_FIELDS
+
+    pretrain = cfg.pretrain.model_dump(mode="json", exclude=set(BOOKKEEPING_FIELDS))
+    return _key({"tokenizer": tokenizer_key(cfg), "pretrain": pretrain})
 
 
 def embedded_paths(cfg: RMTConfig) -> EmbeddedArtifacts:

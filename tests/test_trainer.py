@@ -1,0 +1,237 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rmt.trainer as trainer
+from rmt import schedules
+from rmt.checkpoint import list_checkpoints
+from rmt.config import PRESET_DIR, load_config
+from rmt.data.prepare import prepare_corpus
+from rmt.errors import CheckpointError
+from rmt.run_dir import read_metrics
+from rmt.scoring import score_corpus
+from rmt.tiers import NTP_ONLY
+
+TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran far away. " * (1 + i % 3) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    base = [f"model.path={tiny_model_dir}", f"data.path={src}", f"data.prepared_dir={root / 'prep'}", "data.seq_len=32",
+            "scoring.tier_rule=quantile"]
+    cfg = load_config(None, base)
+    prepare_corpus(cfg)
+    score_corpus(cfg)
+    return base
+
+
+def run_cfg(corpus, tmp_path, preset="rmt", *extra):
+    return load_config(preset, [
+        *corpus, f"output.dir={tmp_path / preset}", "train.total_steps=4", "train.sequences_per_step=4",
+        "rollout.group_size=3", "rollout.positions_per_batch=4", "budget.b0=6", "budget.answer_allowance=2",
+        "rollout.max_response_tokens=16", "train.lr=1e-3", "train.save_every=2", *extra,
+    ])
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_runs_a_few_steps(corpus, tmp_path, preset):
+    cfg = run_cfg(corpus, tmp_path, preset, "train.total_steps=2")
+    run = trainer.train(cfg)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (run / "final" / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
+    if cfg.train.rl:
+        assert {"reward", "rollout_accuracy", "think_len_mean", "malformed_frac", "budget", "p_hard"} <= set(rows[-1])
+    else:
+        assert "reward" not in rows[-1] and rows[-1]["ntp_loss"] > 0
+
+
+def test_budget_and_curriculum_follow_the_schedule(corpus, tmp_path):
+    cfg = run_cfg(corpus, tmp_path, "rmt", "train.total_steps=5", "budget.b0=8", "budget.gamma=0.25")
+    rows = read_metrics(trainer.train(cfg))
+    for r in rows:
+        t = r["step"] - 1
+        assert r["budget"] == schedules.token_budget(t, 5, 8, 1, 0.25)
+        assert r["response_cap"] == min(2 * r["budget"] + 2, 16)
+        p = schedules.curriculum_probs(t, 5, cfg.curriculum.p_early, cfg.curriculum.p_late, 0.3, 0.7)
+        assert (r["p_easy"], r["p_medium"], r["p_hard"]) == pytest.approx(p)
+    assert rows[0]["budget"] == 8 and rows[-1]["budget"] < 8
+
+
+def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rmt import rollout_batch
+    from rmt.scoring import load_scored
+
+    cfg = load_config("rmt", [*corpus, "rollout.group_size=2", "budget.b0=2", "curriculum.positions_per_sequence=3"])
+    data = load_scored(cfg.data.prepared_dir, "train").select(range(5))
+    batch = trainer.Batch(data["input_ids"], data["tier"], data["computed"])
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    engine = rollout_batch.make_engine(cfg, model, tok)
+    rl = rollout_batch.collect(cfg, batch, 2, (1 / 3, 1 / 3, 1 / 3), engine, tok,
+                               position_generator=torch.Generator().manual_seed(0), sample_generator=torch.Generator().manual_seed(1))
+    chosen = set(rl.selection.positions)
+    assert chosen and all(batch.tiers[b][p] != NTP_ONLY for b, p in chosen)
+    for b, ids in enumerate(batch.input_ids):
+        for pos in range(rl.ntp_mask.shape[1]):
+            expected = 1 <= pos < len(ids) and (b, pos) not in chosen
+            assert bool(rl.ntp_mask[b, pos]) == expected
+    assert rl.rewards.shape == (len(chosen), 2) and len(rl.groups) == len(chosen)
+
+
+def weights(run):
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_resume_is_exact(corpus, tmp_path, monkeypatch):
+    straight = trainer.train(run_cfg(corpus, tmp_path / "a"))
+    cfg = run_cfg(corpus, tmp_path / "b")
+    real_step = trainer.train_step
+    calls = {"n": 0}
+
+    def crash_on_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", crash_on_third_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train(cfg)
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    assert [p.name for p in list_checkpoints(cfg.output.dir and Path(cfg.output.dir))] == ["step-0000002"]
+    resumed = trainer.train(cfg)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    ma, mb = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for ra, rb in zip(ma, mb):
+        assert ra["reward"] == rb["reward"] and ra["tier_hard"] == rb["tier_hard"] and ra["loss"] == rb["loss"]
+
+
+def test_finished_run_is_not_rerun_and_other_config_is_refused(corpus, tmp_path, caplog):
+    cfg = run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2")
+    run = trainer.train(cfg)
+    mtime = (run / "final" / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        trainer.train(cfg)
+    assert "already finished" in caplog.text
+    assert (run / "final" / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(CheckpointError, match="another config"):
+        trainer.train(run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2", "train.lr=0.5"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
+    cfg = run_cfg(corpus, tmp_path, "ntp", "train.total_steps=4", "train.save_every=1", "train.keep_last=3")
+    run = trainer.train(cfg)
+    newest = list_checkpoints(run)[-1]
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    cfg2 = run_cfg(corpus, tmp_path, "ntp", "train.total_steps=4", "train.save_every=1", "train.keep_last=3")
+    with pytest.raises(CheckpointError, match="corrupt or partial"):
+        trainer.train(cfg2)
+    assert len(list_checkpoints(run)) == 3, "earlier checkpoints are left untouched"
+
+
+def test_kill_during_checkpoint_write_leaves_previous_checkpoint(corpus, tmp_path):
+    """kill -9 inside the second checkpoint's write: the first stays loadable and the run resumes from it."""
+    cfg = run_cfg(corpus, tmp_path, "ntp", "train.total_steps=4")
+    from rmt.config import config_to_yaml
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config_to_yaml(cfg))
+    script = textwrap.dedent(f"""
+        import os, signal
+        import torch
+        from rmt.config import load_config
+        import rmt.trainer as trainer
+        calls = {{"n": 0}}
+        real = torch.save
+        def dying_save(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:  # first save of the second checkpoint (each writes optimizer + scheduler)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        torch.save = dying_save
+        trainer.train(load_config({str(cfg_file)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = Path(cfg.output.dir)
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
+    assert any(p.name.startswith(".step-0000004.tmp") for p in (run / "checkpoints").iterdir())
+    trainer.train(cfg)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def _teach_format(model_dir, tok, steps=150, seed=0):
+    """NTP-train a tiny model on `text<think>xy</think>d` with d in {7, 8}: it learns to think, close and answer."""
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    letters = "abcdefgh"
+    for _ in range(steps):
+        docs = ["".join(rng.choice(list(letters), 3)) + "<think>" + "".join(rng.choice(list(letters), 2)) + "</think>"
+                + str(rng.choice([7, 8])) for _ in range(16)]
+        enc = tok(docs, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.slow
+def test_rl_raises_the_matching_reward(tmp_path, tiny_model_dir):
+    """The RL signal is real: on a corpus whose RL targets are all '7', the match reward climbs from ~0.5."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from rmt.tiers import HARD
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = _teach_format(tiny_model_dir, tok)
+    seven = tok.convert_tokens_to_ids("7")
+    rng = np.random.default_rng(1)
+    rows = {"input_ids": [], "doc_id": [], "computed": [], "entropy": [], "tier": []}
+    for i in range(64):
+        ids = tok("".join(rng.choice(list("abcdefgh"), 3)) + "7", add_special_tokens=False)["input_ids"]
+        rows["input_ids"].append(ids)
+        rows["doc_id"].append(i)
+        rows["computed"].append([0] * len(ids))
+        rows["entropy"].append([float("nan")] + [2.0] * (len(ids) - 1))
+        rows["tier"].append([HARD if t == seven else NTP_ONLY for t in ids])
+    prep = tmp_path / "prep"
+    datasets.Dataset.from_dict(rows).save_to_disk(str(prep / "scored" / "train"))
+    cfg = load_config("rmt-no-ntp", [
+        f"model.path={tiny_model_dir}", f"data.prepared_dir={prep}", f"output.dir={tmp_path / 'run'}",
+        "train.total_steps=24", "train.sequences_per_step=8", "rollout.group_size=8", "rollout.positions_per_batch=8",
+        "rollout.temperature=1.0", "budget.b0=4", "budget.answer_allowance=2", "reward.length_weight=0",
+        "train.lr=3e-3", "train.save_every=100", "curriculum.min_prefix=1",
+    ])
+    rows = read_metrics(trainer.train(cfg, model=model, tokenizer=tok))
+    first = np.mean([r["reward_match"] for r in rows[:6]])
+    last = np.mean([r["reward_match"] for r in rows[-6:]])
+    assert 0.2 < first < 0.8, first  # the format is learnt; the answer is a coin flip between 7 and 8
+    assert last > first + 0.15, (first, last)
