@@ -129,3 +129,11 @@ def test_changed_settings_refuse_without_overwrite(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="other settings"):
         prepare_corpus(cfg_for(tmp_path, tiny_model_dir, src, "data.seq_len=32"))
     prepare_corpus(cfg_for(tmp_path, tiny_model_dir, src, "data.seq_len=32", "output.overwrite=true"))
+
+
+def test_separate_eval_corpus(tmp_path, tiny_model_dir):
+    train_src = write_jsonl(tmp_path / "train.jsonl", DOCS[:20])
+    eval_src = write_jsonl(tmp_path / "eval.jsonl", DOCS[20:26])
+    out = prepare_corpus(cfg_for(tmp_path, tiny_model_dir, train_src, f"data.eval_path={eval_src}"))
+    counts = load_meta(out)["counts"]
+    assert counts["train"]["documents"] == 20 and counts["eval"]["documents"] == 6

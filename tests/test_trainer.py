@@ -83,8 +83,8 @@ def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     engine = rollout_batch.make_engine(cfg, model, tok)
-    rl = rollout_batch.collect(cfg, batch, 2, (1 / 3, 1 / 3, 1 / 3), engine, tok,
-                               position_generator=torch.Generator().manual_seed(0), sample_generator=torch.Generator().manual_seed(1))
+    selection = rollout_batch.select_positions(cfg, batch.tiers, (1 / 3, 1 / 3, 1 / 3), torch.Generator().manual_seed(0))
+    rl = rollout_batch.collect(cfg, batch, 2, selection, engine, tok, sample_generator=torch.Generator().manual_seed(1))
     chosen = set(rl.selection.positions)
     assert chosen and all(batch.tiers[b][p] != NTP_ONLY for b, p in chosen)
     for b, ids in enumerate(batch.input_ids):
@@ -92,6 +92,21 @@ def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
             expected = 1 <= pos < len(ids) and (b, pos) not in chosen
             assert bool(rl.ntp_mask[b, pos]) == expected
     assert rl.rewards.shape == (len(chosen), 2) and len(rl.groups) == len(chosen)
+
+
+def test_two_process_selection_partitions_the_global_draw(corpus):
+    from rmt import rollout_batch
+    from rmt.scoring import load_scored
+
+    cfg = load_config("rmt", [*corpus, "curriculum.positions_per_sequence=2"])
+    tiers = load_scored(cfg.data.prepared_dir, "train").select(range(6))["tier"]
+    full = rollout_batch.select_positions(cfg, tiers, (0.2, 0.3, 0.5), torch.Generator().manual_seed(3))
+    parts = [rollout_batch.select_positions(cfg, tiers, (0.2, 0.3, 0.5), torch.Generator().manual_seed(3), r, 2) for r in (0, 1)]
+    back = sorted((b * 2 + r, pos) for r, part in enumerate(parts) for b, pos in part.positions)
+    assert back == full.positions
+    for r, part in enumerate(parts):
+        width = part.ntp_mask.shape[1]
+        assert (part.ntp_mask == full.ntp_mask[r::2][:, :width]).all()
 
 
 def weights(run):

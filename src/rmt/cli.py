@@ -167,5 +167,47 @@ def report(
     sys.stdout.write(f"report: {path}\n")
 
 
+@app.command()
+def posttrain(
+    config: Optional[str] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+    eval_only: bool = typer.Option(
+        False, "--eval-only", help="Only evaluate model.path (default: the embedded base model) on the held-out questions."
+    ),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="With --eval-only: also write the result JSON here."),
+) -> None:
+    """GRPO with a verifiable reward on question/answer pairs from a base or mid-trained model (resumable)."""
+    import json
+
+    from rmt import posttrain as stage
+
+    cfg = _config(config, overrides)
+    if eval_only:
+        result = _run(stage.evaluate, cfg)
+        text = json.dumps(result, indent=2) + "\n"
+        if out:
+            from pathlib import Path
+
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text)
+        sys.stdout.write(text)
+        return
+    run_dir = _run(stage.posttrain, cfg)
+    sys.stdout.write(f"run folder: {run_dir}\n")
+
+
+@app.command()
+def demo(
+    overrides: Optional[list[str]] = OverridesArg,
+    size: str = typer.Option("default", help="Demo scale: default (minutes on 2 CPU cores) or tiny (seconds, for tests)."),
+    out: str = typer.Option("runs/demo", help="Folder for the corpus, the runs, the evaluation and the report."),
+    methods: str = typer.Option("rmt,ntp,rpt", help="Comma-separated presets to mid-train and compare."),
+) -> None:
+    """The whole pipeline on the embedded default: base model, score, mid-train, evaluate, report."""
+    from rmt.demo import run_demo
+
+    _run(run_demo, size=size, out=out, methods=[m.strip() for m in methods.split(",") if m.strip()], overrides=overrides or [])
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()

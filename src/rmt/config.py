@@ -63,6 +63,11 @@ class DataConfig(Section):
     pack: bool = Field(False, description="Pack documents across boundaries into full sequences (off: never cross a boundary).")
     add_bos: bool = Field(True, description="Start each document with the tokenizer's BOS token when it has one.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document).")
+    eval_path: str | None = Field(
+        None,
+        description="A separate held-out corpus for the eval split (then every document of data.path trains and "
+        "data.eval_fraction is unused). With data.path None, the embedded default's evaluation split.",
+    )
     seed: int = Field(0, description="Seed of the train/eval split.")
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (None = all).")
     prepared_dir: str = Field(
@@ -519,13 +524,18 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RMTConfig:
-    """Preset or YAML file, then dotted overrides, then validation. Raises ConfigError naming the field."""
+def load_config(
+    config: str | Path | None = None, overrides: list[str] | None = None, layers: list[str | Path] | None = None
+) -> RMTConfig:
+    """Preset or YAML file, then extra YAML ``layers`` merged on top (e.g. a size preset), then dotted
+    overrides, then validation. Raises ConfigError naming the field."""
     data: dict = {}
     if config is not None:
         path = resolve_preset(str(config))
         data = _load_yaml_with_bases(path)
         data.setdefault("preset", path.stem)
+    for layer in layers or []:
+        data = deep_merge(data, _load_yaml_with_bases(Path(layer)))
     for item in overrides or []:
         keys, value = parse_override(item)
         node = data

@@ -79,7 +79,10 @@ def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 and p = 1 the bounds are exactly 0 and 1; rounding would put them a hair inside.
+    lo = 0.0 if k == 0 else max(0.0, min(p, centre - half))
+    hi = 1.0 if k == n else min(1.0, max(p, centre + half))
+    return lo, hi
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -62,9 +62,13 @@ def _accuracy_bars(path: Path, evaluation: dict) -> bool:
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     for i, (name, res) in enumerate(rows):
-        acc = [res["tiers"].get(g, {}).get("accuracy", float("nan")) if g != "average" else res.get("average", float("nan")) for g in groups]
-        lo = [res["tiers"].get(g, {}).get("ci95", [a, a])[0] if g != "average" else a for g, a in zip(groups, acc)]
-        hi = [res["tiers"].get(g, {}).get("ci95", [a, a])[1] if g != "average" else a for g, a in zip(groups, acc)]
+        # `rmt eval` writes None for a tier without positions (and its interval): drawn as a gap.
+        nan = float("nan")
+        stats = [res["tiers"].get(g) or {} for g in TIERS]
+        acc = [nan if s.get("accuracy") is None else s["accuracy"] for s in stats]
+        acc.append(nan if res.get("average") is None else res["average"])
+        lo = [(s.get("ci95") or [a, a])[0] for s, a in zip(stats, acc)] + [acc[-1]]
+        hi = [(s.get("ci95") or [a, a])[1] for s, a in zip(stats, acc)] + [acc[-1]]
         x = np.arange(len(groups)) + i * width
         ax.bar(x, acc, width, label=name, yerr=[np.subtract(acc, lo), np.subtract(hi, acc)], capsize=2)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)

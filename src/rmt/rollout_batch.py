@@ -110,14 +110,32 @@ def build_prompts(cfg: RMTConfig, tokenizer, sequences, positions, budget, cap: 
     return out, cut
 
 
-def collect(cfg: RMTConfig, batch, budget: int, probs, engine: RolloutEngine, tokenizer, *, position_generator,
-            sample_generator, max_context: int = 1 << 30) -> RLData:
-    """Draw C, roll out G responses per position, parse and reward them, and compute group advantages."""
-    selection = sampling.sample_rl_set(
-        batch.tiers, probs, position_generator,
+def select_positions(cfg: RMTConfig, global_tiers, probs, generator, rank: int = 0, world: int = 1) -> sampling.RLSelection:
+    """Draw C over the GLOBAL batch (same draw on every process), then keep this process's sequences.
+
+    Process r trains on global rows r, r + world, ...: its local row i is global row r + i * world. Drawing
+    globally keeps C, and so the run, independent of the number of processes.
+    """
+    full = sampling.sample_rl_set(
+        global_tiers, probs, generator,
         positions_per_sequence=cfg.curriculum.positions_per_sequence, min_prefix=cfg.curriculum.min_prefix,
         max_positions=cfg.curriculum.max_positions_per_batch,
     )
+    if world == 1:
+        return full
+    keep = [i for i, (b, _) in enumerate(full.positions) if b % world == rank]
+    mask = full.ntp_mask[rank::world]
+    width = max(len(t) for t in global_tiers[rank::world])
+    return sampling.RLSelection(
+        positions=[(full.positions[i][0] // world, full.positions[i][1]) for i in keep],
+        tiers=[full.tiers[i] for i in keep],
+        ntp_mask=mask[:, :width],
+    )
+
+
+def collect(cfg: RMTConfig, batch, budget: int, selection: sampling.RLSelection, engine: RolloutEngine, tokenizer, *,
+            sample_generator, max_context: int = 1 << 30) -> RLData:
+    """Roll out G responses per position of C, parse and reward them, and compute group advantages."""
     prompt_budget = budget if cfg.budget.enabled else None
     cap = schedules.response_cap(prompt_budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)
     prompt_ids, n_cut = build_prompts(cfg, tokenizer, batch.input_ids, selection.positions, prompt_budget, cap, max_context)

@@ -169,10 +169,13 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     with _StopFlag() as stop:
         while step < T and not stop.requested:
             t0 = time.perf_counter()
-            rows = batch_indices(step, cfg.train.sequences_per_step, len(data), cfg.train.seed)[rank::world]
-            picked = data.select(rows.tolist())
+            rows = batch_indices(step, cfg.train.sequences_per_step, len(data), cfg.train.seed)
+            global_tiers = data.select(rows.tolist())["tier"] if cfg.train.rl else None
+            picked = data.select(rows[rank::world].tolist())
             batch = Batch(picked["input_ids"], picked["tier"], picked["computed"])
-            metrics, samples = train_step(cfg, step, T, batch, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator)
+            metrics, samples = train_step(
+                cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator
+            )
             metrics["time_step_s"] = time.perf_counter() - t0
             if not metrics.pop("finite"):
                 nonfinite_in_a_row += 1
@@ -224,7 +227,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train_step(cfg, step, T, batch, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator):
+def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator):
     """One optimizer step (mu of them on the same rollouts when grpo.num_iterations > 1).
 
     Returns (metrics, sample completions); metrics["finite"] is False when the step was skipped.
@@ -237,9 +240,11 @@ def train_step(cfg, step, T, batch, model, ref_model, tokenizer, engine, optimiz
     rl = None
     if cfg.train.rl:
         t0 = time.perf_counter()
+        selection = rollout_batch.select_positions(
+            cfg, global_tiers, probs, step_generator(cfg.train.seed, step, 0, 0), rank, world
+        )
         rl = rollout_batch.collect(
-            cfg, batch, budget, probs, engine, tokenizer,
-            position_generator=step_generator(cfg.train.seed, step, rank, 0),
+            cfg, batch, budget, selection, engine, tokenizer,
             sample_generator=step_generator(cfg.train.seed, step, rank, 1),
             max_context=rollout_batch.context_length(model),
         )
@@ -304,8 +309,12 @@ def train_step(cfg, step, T, batch, model, ref_model, tokenizer, engine, optimiz
                 if not torch.isfinite(terms.loss):
                     finite = False
                     break
-                if terms.loss.requires_grad:
-                    accelerator.backward(terms.loss)
+                loss = terms.loss
+                if not loss.requires_grad:
+                    # Nothing to learn on this process (no RL position, no NTP term): a zero loss through the
+                    # model keeps every process in the same gradient all-reduce.
+                    loss = 0.0 * rollout_batch.forward_logprobs(model, seqs_ids[:1], None, 1.0, pad_id).ntp_logprobs.sum()
+                accelerator.backward(loss)
             for key, v in terms.metrics().items():
                 totals[key] = totals.get(key, 0.0) + v / (world if key == "loss" else 1)
         if finite and cfg.train.grad_clip > 0:

@@ -26,12 +26,16 @@ SPLITS = ("train", "eval")
 TOKENIZE_BATCH = 256
 
 
-def corpus_path(cfg: RMTConfig) -> Path:
+def corpus_sources(cfg: RMTConfig) -> list[tuple[Path, str | None]]:
+    """(path, forced split or None) of every corpus to read; None = split by data.eval_fraction."""
     if cfg.data.path is not None:
-        return Path(cfg.data.path)
+        if cfg.data.eval_path is not None:
+            return [(Path(cfg.data.path), "train"), (Path(cfg.data.eval_path), "eval")]
+        return [(Path(cfg.data.path), None)]
     from rmt.data.embedded import ensure_embedded
 
-    return Path(ensure_embedded(cfg).midtrain_path)
+    arts = ensure_embedded(cfg)
+    return [(Path(arts.midtrain_path), "train"), (Path(cfg.data.eval_path or arts.eval_path), "eval")]
 
 
 def doc_split(doc_id: int, seed: int, eval_fraction: float) -> str:
@@ -55,9 +59,15 @@ def chunk(ids: list[int], computed: list[int], seq_len: int, min_tokens: int) ->
             yield piece, computed[start : start + seq_len]
 
 
-def _tokenized_docs(cfg: RMTConfig, tokenizer, path: Path) -> Iterator[tuple[int, list[int], list[int]]]:
-    """(doc_id, token ids, computed flags) for every non-empty document, tokenized in batches."""
-    docs = read_documents(path, cfg.data.format, cfg.data.text_field, cfg.data.encoding_errors)
+def _all_documents(cfg: RMTConfig, sources: list[tuple[Path, str | None]]) -> Iterator[dict]:
+    for path, split in sources:
+        for doc in read_documents(path, cfg.data.format, cfg.data.text_field, cfg.data.encoding_errors):
+            yield {**doc, "split": split}
+
+
+def _tokenized_docs(cfg: RMTConfig, tokenizer, sources) -> Iterator[tuple[int, str | None, list[int], list[int]]]:
+    """(doc_id, forced split, token ids, computed flags) for every non-empty document, tokenized in batches."""
+    docs = _all_documents(cfg, sources)
     bos = [tokenizer.bos_token_id] if cfg.data.add_bos and tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     batch: list[dict] = []
@@ -70,7 +80,7 @@ def _tokenized_docs(cfg: RMTConfig, tokenizer, path: Path) -> Iterator[tuple[int
         for i, d in enumerate(batch):
             ids = enc["input_ids"][i]
             flags = computed_mask(enc["offset_mapping"][i], d["computed_spans"]) if tokenizer.is_fast else [0] * len(ids)
-            yield doc_id, bos + ids + eos, [0] * len(bos) + flags + [0] * len(eos)
+            yield doc_id, d["split"], bos + ids + eos, [0] * len(bos) + flags + [0] * len(eos)
             doc_id += 1
 
     n_read = 0
@@ -88,11 +98,11 @@ def _tokenized_docs(cfg: RMTConfig, tokenizer, path: Path) -> Iterator[tuple[int
         yield from flush()
 
 
-def _rows(cfg: RMTConfig, tokenizer, path: Path, stats: dict) -> Iterator[dict]:
+def _rows(cfg: RMTConfig, tokenizer, sources, stats: dict) -> Iterator[dict]:
     seq_len, min_tokens, pack = cfg.data.seq_len, cfg.data.min_tokens, cfg.data.pack
     buffers = {s: ([], [], -1) for s in SPLITS}  # packing: ids, computed, first doc id
-    for doc_id, ids, flags in _tokenized_docs(cfg, tokenizer, path):
-        split = doc_split(doc_id, cfg.data.seed, cfg.data.eval_fraction)
+    for doc_id, forced, ids, flags in _tokenized_docs(cfg, tokenizer, sources):
+        split = forced or doc_split(doc_id, cfg.data.seed, cfg.data.eval_fraction)
         stats["documents"] += 1
         stats[f"{split}_documents"] += 1
         if not pack:
@@ -111,11 +121,11 @@ def _rows(cfg: RMTConfig, tokenizer, path: Path, stats: dict) -> Iterator[dict]:
                 yield {"split": split, "doc_id": first, "input_ids": buf_ids, "computed": buf_comp}
 
 
-def prepare_meta(cfg: RMTConfig, tokenizer, source: Path) -> dict:
+def prepare_meta(cfg: RMTConfig, tokenizer, sources) -> dict:
     from rmt.modeling import tokenizer_fingerprint
 
     return {
-        "source": str(source.resolve()),
+        "source": [[str(p.resolve()), split] for p, split in sources],
         "tokenizer": tokenizer.name_or_path,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
@@ -140,13 +150,15 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
 
     from rmt.modeling import load_tokenizer, resolve_tokenizer_path
 
-    source = corpus_path(cfg)
-    if not source.exists():
-        raise DataError(f"corpus not found: {source}")
+    sources = corpus_sources(cfg)
+    for path, _ in sources:
+        if not path.exists():
+            raise DataError(f"corpus not found: {path}")
+    source = sources[0][0] if len(sources) == 1 else " + ".join(str(p) for p, _ in sources)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
     out = Path(cfg.data.prepared_dir)
-    meta = prepare_meta(cfg, tokenizer, source)
+    meta = prepare_meta(cfg, tokenizer, sources)
     if (out / "meta.json").is_file():
         old = load_meta(out)
         if {k: v for k, v in old.items() if k != "counts"} == meta:
@@ -170,7 +182,7 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
                 "computed": datasets.Sequence(datasets.Value("int8")),
             }
         )
-        rows = _build_rows(cfg, tokenizer, source, stats, features, tmp / "cache")
+        rows = _build_rows(cfg, tokenizer, sources, stats, features, tmp / "cache")
         if stats["documents"] == 0:
             raise DataError(f"corpus {source} is empty: no document with any text")
         if rows is None or len(rows) == 0:
@@ -199,14 +211,14 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     return out
 
 
-def _build_rows(cfg: RMTConfig, tokenizer, source: Path, stats: dict, features, cache_dir: Path):
+def _build_rows(cfg: RMTConfig, tokenizer, sources, stats: dict, features, cache_dir: Path):
     """All chunks of the corpus as one Arrow dataset on disk; None when the corpus yields no chunk."""
     import datasets
 
     try:
         return datasets.Dataset.from_generator(
             _generate_rows,
-            gen_kwargs={"cfg_json": cfg.model_dump_json(), "tok_path": tokenizer, "source": str(source), "stats": stats},
+            gen_kwargs={"cfg_json": cfg.model_dump_json(), "tokenizer": tokenizer, "sources": [[str(p), s] for p, s in sources], "stats": stats},
             features=features,
             cache_dir=str(cache_dir),
         )
@@ -223,10 +235,10 @@ def _build_rows(cfg: RMTConfig, tokenizer, source: Path, stats: dict, features, 
         raise
 
 
-def _generate_rows(cfg_json: str, tok_path, source: str, stats: dict):
+def _generate_rows(cfg_json: str, tokenizer, sources: list, stats: dict):
     """Generator for Dataset.from_generator (arguments must be picklable/hashable for the datasets cache)."""
     cfg = RMTConfig.model_validate_json(cfg_json)
-    yield from _rows(cfg, tok_path, Path(source), stats)
+    yield from _rows(cfg, tokenizer, [(Path(p), s) for p, s in sources], stats)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

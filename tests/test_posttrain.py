@@ -1,0 +1,237 @@
+"""`rmt posttrain`: question files and their errors, prompts and answer lines, evaluation statistics, a tiny run
+that learns, user verifiers in a run, start-up checks and exact resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from rmt.config import load_config
+from rmt.errors import DataError
+from rmt.posttrain import (
+    answer_line_end,
+    evaluate_questions,
+    load_question_sets,
+    posttrain,
+    prompt_ids,
+    read_questions,
+    wilson_interval,
+)
+from rmt.run_dir import read_metrics
+from rmt.verifiers import VerifierError
+
+ANSWER = "7"  # the synthetic task: whatever the question, the answer is this one token
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_reads_jsonl_and_parquet_with_configured_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [{"q": "1+1=", "a": 2, "extra": "x"}, {"q": "2+2=", "a": "4", "extra": "y"}]
+    jsonl = _write_jsonl(tmp_path / "qa.jsonl", recs)
+    parquet = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "a": str(r["a"])} for r in recs]), parquet)
+    for path in (jsonl, parquet):
+        qs = read_questions(path, question_field="q", answer_field="a")
+        assert [(q.question, q.answer) for q in qs] == [("1+1=", "2"), ("2+2=", "4")]
+        assert qs[1].record["extra"] == "y"
+
+
+def test_missing_answer_field_names_file_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "1"}, {"question": "b", "solution": "2"}])
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: no answer field 'answer'.*posttrain\.answer_field"):
+        read_questions(path)
+
+
+def test_missing_empty_and_broken_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_questions(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        read_questions(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"question": "a", "answer": "1"}\n{oops\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_questions(tmp_path / "bad.jsonl")
+
+
+def test_eval_questions_are_held_out_of_training(tmp_path):
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": f"{i}=", "answer": str(i)} for i in range(10)])
+    cfg = load_config(None, [f"posttrain.data={path}", "posttrain.eval_size=3"])
+    train, held = load_question_sets(cfg)
+    assert [q.answer for q in train] == [str(i) for i in range(7)] and [q.answer for q in held] == ["7", "8", "9"]
+    with pytest.raises(DataError, match="eval_size"):
+        load_question_sets(load_config(None, [f"posttrain.data={path}", "posttrain.eval_size=10"]))
+
+
+# --- prompts, answers, statistics ---------------------------------------------------------------------------------
+
+
+def test_raw_prompt_is_question_then_think(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    cfg = load_config()
+    ids = prompt_ids("3+4=", tok, cfg)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "3+4=<think>"
+    assert ids[-1] == tok.convert_tokens_to_ids("<think>")
+
+
+def test_answer_line_ends_at_the_newline_after_think_close():
+    pieces = ["5", "-", "1", "</think>", "\n", "4", "\n", "3", "+"]
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    ids = list(range(len(pieces)))
+    assert answer_line_end(ids, decode, "</think>") == 7  # a newline right after </think> does not end it
+    assert answer_line_end(ids[:6], decode, "</think>") is None
+    assert answer_line_end([0, 4, 5, 6], decode, "</think>") is None  # no </think>: never an answer line
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.15 < hi < 0.17
+
+
+# --- the synthetic task and its warm-started tiny model -----------------------------------------------------------
+
+
+def _questions(n, seed):
+    rng = random.Random(seed)
+    return [{"question": f"{rng.randint(0, 9)}+{rng.randint(0, 9)}=", "answer": ANSWER, "id": i} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def warm_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny random Llama taught the format by a few seconds of NTP: `Q<think>00</think>D` + EOS with D a random
+    digit. It answers well-formed, right about 1 time in 10 on the synthetic task: room for GRPO to show."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    rng = random.Random(0)
+    docs = [
+        [tok.bos_token_id] + tok.encode(f"{q['question']}<think>00</think>{rng.randint(0, 9)}") + [tok.eos_token_id]
+        for q in _questions(512, 1)
+    ]
+    width = max(len(d) for d in docs)
+    ids = torch.tensor([d + [tok.pad_token_id] * (width - len(d)) for d in docs])
+    labels = ids.masked_fill(ids == tok.pad_token_id, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(120):
+        rows = torch.randint(0, len(docs), (64,), generator=torch.Generator().manual_seed(step))
+        loss = model(input_ids=ids[rows], labels=labels[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("warm_model")
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def _cfg(model_dir, data, out, *extra):
+    return load_config(None, [
+        f"model.path={model_dir}", f"posttrain.data={data}", "posttrain.eval_size=0", "posttrain.verifier=exact",
+        "posttrain.max_response_tokens=12", "posttrain.questions_per_step=8", "rollout.group_size=8",
+        "rollout.positions_per_batch=8", "rollout.temperature=1.0", f"posttrain.output_dir={out}", "train.seed=0",
+        *extra,
+    ])
+
+
+@pytest.mark.slow
+def test_a_few_steps_raise_the_reward_on_an_easy_task(warm_model_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(64, 2))
+    held = _write_jsonl(tmp_path / "held.jsonl", _questions(32, 3))
+    cfg = _cfg(warm_model_dir, data, tmp_path / "run", "posttrain.steps=30", "posttrain.lr=3e-3", f"posttrain.eval_data={held}",
+               "train.save_every=100")
+    run = posttrain(cfg)
+    rows = [r for r in read_metrics(run) if "reward" in r]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first = sum(r["reward"] for r in rows[:5]) / 5
+    last = sum(r["reward"] for r in rows[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+    evals = json.loads((run / "eval.json").read_text())
+    assert evals["after"]["accuracy"] > evals["before"]["accuracy"]
+    assert evals["after"]["accuracy_ci95"][0] <= evals["after"]["accuracy"] <= evals["after"]["accuracy_ci95"][1]
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+# --- a user verifier in a run; start-up checks; resume ------------------------------------------------------------
+
+CALLS: list[tuple] = []
+
+
+def recording_verifier(prediction, answer, record):
+    CALLS.append((prediction, answer, record))
+    return float(prediction == answer)
+
+
+def wrong_signature(prediction, answer, record, extra_required):
+    return 0.0
+
+
+def test_a_verifier_with_a_bad_signature_is_rejected_before_any_work(warm_model_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(8, 2))
+    cfg = _cfg(warm_model_dir, data, tmp_path / "run", f"posttrain.verifier={__name__}:wrong_signature")
+    with pytest.raises(VerifierError, match="has signature"):
+        posttrain(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_reasoning_gym_verifier_needs_reasoning_gym_records(warm_model_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(8, 2))
+    cfg = _cfg(warm_model_dir, data, tmp_path / "run", "posttrain.verifier=reasoning_gym")
+    with pytest.raises(DataError, match=r"train\.jsonl:1: .*reasoning-gym records"):
+        posttrain(cfg)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(warm_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(32, 2))
+    opts = ("posttrain.steps=4", "posttrain.lr=3e-3", "train.save_every=100", f"posttrain.verifier={__name__}:recording_verifier")
+    CALLS.clear()
+    whole = posttrain(_cfg(warm_model_dir, data, tmp_path / "whole", *opts))
+    # the user verifier saw (prediction: str | None, answer: str, record: dict) with the record as read from the file
+    assert len(CALLS) == 4 * 8 * 8
+    assert all((p is None or isinstance(p, str)) and a == ANSWER and isinstance(r, dict) and "id" in r for p, a, r in CALLS)
+    assert any(p is not None for p, _, _ in CALLS)
+
+    part = tmp_path / "part"
+    posttrain(_cfg(warm_model_dir, data, part, *opts), stop_at=2)
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not (part / "final").exists()
+    posttrain(_cfg(warm_model_dir, data, part, *opts))
+    assert [r["step"] for r in read_metrics(part)] == [1, 2, 3, 4]
+    assert [r["reward"] for r in read_metrics(part)] == [r["reward"] for r in read_metrics(whole)]
+    a, b = load_file(str(whole / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_questions_reports_accuracy_interval_length_and_malformed(warm_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(warm_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(warm_model_dir))
+    cfg = load_config(None, ["posttrain.verifier=exact", "posttrain.max_response_tokens=12"])
+    out = evaluate_questions(model, tok, _questions(16, 4), cfg)
+    assert out["n"] == 16 and 0.0 <= out["accuracy"] <= 1.0
+    lo, hi = out["accuracy_ci95"]
+    assert lo <= out["accuracy"] <= hi
+    assert out["malformed"] < 0.5 and 3 <= out["mean_response_tokens"] <= 12
+    assert out["mean_think_tokens"] == pytest.approx(2, abs=1)
