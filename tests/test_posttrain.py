@@ -26,6 +26,15 @@ from rmt.verifiers import VerifierError
 ANSWER = "7"  # the synthetic task: whatever the question, the answer is this one token
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run many small ops: one thread is fastest, and far faster than two on shared, busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
@@ -235,3 +244,18 @@ def test_evaluate_questions_reports_accuracy_interval_length_and_malformed(warm_
     assert lo <= out["accuracy"] <= hi
     assert out["malformed"] < 0.5 and 3 <= out["mean_response_tokens"] <= 12
     assert out["mean_think_tokens"] == pytest.approx(2, abs=1)
+
+
+def test_cli_eval_only_prints_the_summary_and_reports_bad_data(warm_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from rmt.cli import app
+
+    data = _write_jsonl(tmp_path / "qa.jsonl", _questions(12, 5))
+    common = [f"model.path={warm_model_dir}", "posttrain.verifier=exact", "posttrain.max_response_tokens=12"]
+    result = CliRunner().invoke(app, ["posttrain", "--eval-only", f"posttrain.data={data}", "posttrain.eval_size=4", *common])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n"] == 4 and summary["verifier"] == "exact" and "accuracy_ci95" in summary
+    result = CliRunner().invoke(app, ["posttrain", f"posttrain.data={tmp_path / 'none.jsonl'}", *common])
+    assert result.exit_code == 1 and "question file not found" in result.output

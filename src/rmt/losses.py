@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rmt.config import GRPOConfig
 
@@ -138,6 +139,34 @@ def target_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return F.pad(picked, (1, 0))
+
+
+# At most this many logits (positions x vocabulary) exist at a time in ``chunked_token_logprobs``: 32 MiB of
+# float32, about 55 positions of a 151,936-token vocabulary.
+CHUNK_LOGITS = 1 << 23
+
+
+def _head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float) -> Tensor:
+    logits = F.linear(hidden, weight, bias).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                           temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """(N,) log softmax((hidden @ weight.T + bias) / temperature)[targets] from (N, H) hidden states, in float32.
+
+    The same values as ``target_logprobs`` over full logits, but only ``chunk_size`` rows of logits (default:
+    CHUNK_LOGITS / V) exist at a time: each chunk runs under ``torch.utils.checkpoint``, which keeps its inputs only
+    and recomputes its logits in the backward. A step's peak memory then no longer holds B x L x V floats.
+    """
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_LOGITS // weight.shape[0])
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[start : start + chunk_size], weight, bias, targets[start : start + chunk_size], temperature)
+        parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if track else _head_logprobs(*args))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def ntp_loss_from_logprobs(target_logprobs: Tensor, ntp_mask: Tensor, num_tokens: float | None = None) -> Tensor:

@@ -526,7 +526,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
         return run_dir
 
     metrics_log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
-    metrics_log.truncate_after(start_step)
+    metrics_log.truncate_after(start_step if start_step else -1)  # a fresh start logs its step-0 eval anew
     if cfg.train.tracker != "none":
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
     engine = rollout_batch.make_engine(cfg, model, tokenizer)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rmt import losses, prompts, rewards, sampling, schedules
+from rmt import forward, losses, prompts, rewards, sampling, schedules
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
+from rmt.forward import ForwardOut
 from rmt.rollout import Group, RolloutEngine, StopRule, make_engine as _make_engine
 from rmt.tiers import TIER_NAMES
 
@@ -224,50 +225,12 @@ def _samples(batch, data: RLData, parsed, parts, tokenizer, decode, n: int = 2) 
     return out
 
 
-@dataclass
-class ForwardOut:
-    ntp_logprobs: torch.Tensor | None  # (B, L): log p(ids[pos] | ids[:pos]); column 0 is 0
-    response: torch.Tensor | None  # (N, R): log p of each response token (temperature-scaled logits)
-    response_mask: torch.Tensor | None  # (N, R) bool
-
-
-def _pad(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids.to(device), mask.to(device)
-
-
 def forward_logprobs(model, sequences: list[list[int]] | None, responses: list[tuple[list[int], list[int]]] | None,
                      temperature: float, pad_id: int = 0) -> ForwardOut:
-    """Log-probabilities for the loss: NTP targets of ``sequences`` and the tokens of each (prompt, response).
+    """Log-probabilities for the loss: NTP targets of ``sequences`` (B, L) and the tokens of each (prompt, response)
+    (N, R, right-aligned, with their mask).
 
-    Plain implementation: one forward over the padded sequences, one over the left-padded prompt+response rows
-    keeping only the logits of the response positions (``logits_to_keep``), so memory grows with the response
-    length rather than the prompt's.
+    ``rmt.forward`` computes them in one shared-prefix pass per corpus sequence (NTP and every response of that
+    sequence together) with a chunked output head, falling back to plain rows where that does not apply.
     """
-    device = next(model.parameters()).device
-    ntp = None
-    if sequences:
-        ids, mask = _pad(sequences, pad_id, left=False, device=device)
-        ntp = losses.target_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
-    resp = resp_mask = None
-    if responses:
-        rows = [p + r for p, r in responses]
-        ids, mask = _pad(rows, pad_id, left=True, device=device)
-        R = max(len(r) for _, r in responses)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=R + 1).logits
-        # logits[:, j] predicts token at column width - R - 1 + j + 1; response tokens sit in the last R columns.
-        logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-        resp = logp.gather(-1, ids[:, -R:, None]).squeeze(-1)
-        resp_mask = torch.zeros((len(rows), R), dtype=torch.bool, device=device)
-        for i, (_, r) in enumerate(responses):
-            if r:
-                resp_mask[i, R - len(r) :] = True
-        resp = resp * resp_mask
-    return ForwardOut(ntp, resp, resp_mask)
+    return forward.forward_logprobs(model, sequences, responses, temperature, pad_id)

@@ -1,0 +1,122 @@
+"""Group rollouts with a shared prefix (``HFEngine(shared_prefix=True)``) against prefilling G independent copies.
+
+The shared path prefills each prompt once and copies its KV cache to the G rows of its group; the reference
+(``shared_prefix=False``, what ``generate_independent`` runs) prefills G copies. Both then decode the same B x G rows
+for the same fixed number of new tokens (a StopRule that never fires, temperature 1), so they do the same decode
+work and differ only in the prefill. Repetitions are interleaved (A B, B A, ...); medians give new tokens/s and the
+ratio shared / independent (target >= 2x at prefix 1,024). A first round with equal seeds checks that both paths
+sample the same tokens.
+
+Random weights and tokens, no downloads. Run from the repository root:
+
+    python benchmarks/bench_rollout.py            # about 1-2 minutes on 2 CPU cores
+    python benchmarks/bench_rollout.py --quick    # under 30 seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from rmt.rollout import HFEngine, StopRule
+
+# The embedded default's model shape (SPEC section 8).
+MODEL = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688)
+
+
+def build_model(attn: str, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **MODEL,
+        num_key_value_heads=MODEL["num_attention_heads"],
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def run_pair(model, prefix_len: int, prompts: int, group: int, new_tokens: int, reps: int) -> dict:
+    g = torch.Generator().manual_seed(prefix_len)
+    batch = torch.randint(0, MODEL["vocab_size"], (prompts, prefix_len), generator=g).tolist()
+    engines = {"shared": HFEngine(model, shared_prefix=True), "independent": HFEngine(model, shared_prefix=False)}
+    never = StopRule()  # no EOS, no close marker: every response runs to new_tokens
+
+    def generate(name: str, seed: int):
+        return engines[name].generate_groups(
+            batch, group, new_tokens, stop=never, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+        )
+
+    # Warm-up round, also the check that both paths do the same work and draw the same tokens.
+    same = [r.token_ids for grp in generate("shared", 0) for r in grp.responses]
+    ref = [r.token_ids for grp in generate("independent", 0) for r in grp.responses]
+    assert all(len(t) == new_tokens for t in same), "a response stopped early: the benchmark needs a fixed length"
+    identical = same == ref
+
+    times = {name: [] for name in engines}
+    names = list(engines)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            generate(name, rep + 1)
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    produced = prompts * group * new_tokens
+    return {
+        "prefix_len": prefix_len,
+        "prompts": prompts,
+        "group_size": group,
+        "new_tokens": new_tokens,
+        "shared_tok_s": produced / med["shared"],
+        "independent_tok_s": produced / med["independent"],
+        "ratio": med["independent"] / med["shared"],
+        "shared_s": med["shared"],
+        "independent_s": med["independent"],
+        "same_tokens": identical,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="prefix 1,024 only, 2 reps (< 30 s)")
+    parser.add_argument("--prefix", type=int, nargs="+", default=None, help="prefix lengths (default 256 1024)")
+    parser.add_argument("--group", type=int, default=8, help="G, responses per prompt (default 8)")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per batch (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per response (default 32)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each side (default 5, quick 2)")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    prefixes = args.prefix or ([1024] if args.quick else [256, 1024])
+    reps = args.reps or (2 if args.quick else 5)
+
+    t0 = time.perf_counter()
+    model = build_model(args.attn, max_positions=max(2048, max(prefixes) + args.new_tokens + 1))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32, {args.attn} attention; "
+          f"Llama {n_params / 1e6:.2f}M params (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
+          f"{MODEL['num_attention_heads']} heads, intermediate {MODEL['intermediate_size']}, vocab {MODEL['vocab_size']})")
+    print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens each, temperature 1; "
+          f"{reps} interleaved reps, medians\n")
+    print("| prefix | shared new tok/s | independent new tok/s | ratio | same tokens |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for prefix_len in prefixes:
+        r = run_pair(model, prefix_len, args.prompts, args.group, args.new_tokens, reps)
+        rows.append(r)
+        print(f"| {prefix_len:,} | {r['shared_tok_s']:,.0f} | {r['independent_tok_s']:,.0f} | {r['ratio']:.2f}x "
+              f"| {'yes' if r['same_tokens'] else 'NO'} |", flush=True)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "reps": reps, "params": n_params, "attn": args.attn}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Entropy scoring (``rmt.scoring.score_batch``) against a bare forward pass of the same model and batch.
+
+Two measurements (issue "Scale and speed"):
+
+1. Throughput. A bare forward, ``model(input_ids, attention_mask).logits`` (full logits, no entropy), is the limit
+   for this step: scoring runs the same decoder once, then the output head and the log-softmax over chunks of
+   ``scoring.chunk_positions`` positions. Both run on the same random batch, interleaved (A B, B A, ...), and the
+   medians give tokens/s and the ratio scoring / bare (target >= 0.9).
+2. Peak memory with Qwen's 151,936-token vocabulary at 2,048 context on a tiny Llama (hidden 64, 2 layers). Each
+   (batch, chunk) runs in a fresh subprocess: the peak resident set is reset after the model is built
+   (``/proc/self/clear_refs``; where that is refused, ``ru_maxrss`` counts from process start), so the number
+   reported is what one ``score_batch`` call adds on top of the model. It is set against the size of the full fp32
+   logits, batch x 2048 x 151936 x 4 bytes, which a bare forward must hold.
+
+Random weights and tokens, no downloads. Run from the repository root:
+
+    python benchmarks/bench_scoring.py            # about 2-3 minutes on 2 CPU cores
+    python benchmarks/bench_scoring.py --quick    # under 30 seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rmt.config import ScoringConfig
+from rmt.scoring import score_batch
+
+QWEN_VOCAB = 151_936
+MEMORY_CONTEXT = 2_048
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A random-init Llama and the batch it scores."""
+
+    name: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    batch: int
+    length: int
+
+
+# The embedded default's model (SPEC section 8) with its own vocabulary, then the same decoder under the
+# vocabularies of Llama-2 and Qwen: the output head and the entropy grow with the vocabulary, the decoder does not.
+THROUGHPUT_SHAPES = [
+    Shape("embedded default, vocab 512", 512, 256, 4, 4, 688, 8, 256),
+    Shape("same decoder, vocab 32,000", 32_000, 256, 4, 4, 688, 8, 256),
+    Shape("same decoder, vocab 151,936", QWEN_VOCAB, 256, 4, 4, 688, 4, 256),
+]
+QUICK_SHAPES = [THROUGHPUT_SHAPES[0], Shape("same decoder, vocab 32,000", 32_000, 256, 4, 4, 688, 4, 128)]
+MEMORY_RUNS = [(1, 256), (4, 256), (1, 1024), (4, 1024)]  # (batch, chunk_positions) at 2,048 context
+QUICK_MEMORY_RUNS = [(1, 256), (2, 256)]
+MEMORY_SHAPE = Shape("tiny Llama, Qwen vocab", QWEN_VOCAB, 64, 2, 2, 172, 0, MEMORY_CONTEXT)
+
+
+def build_model(shape: Shape, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_batch(shape: Shape, batch: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, shape.vocab, (batch, length), generator=g).tolist()
+
+
+# --- 1. throughput --------------------------------------------------------------------------------------------
+
+
+def time_side_by_side(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each function; repetitions interleaved, the order reversed every other round."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def throughput(shape: Shape, reps: int, chunk: int) -> dict:
+    model = build_model(shape, max_positions=max(2048, shape.length))
+    sequences = random_batch(shape, shape.batch, shape.length)
+    ids = torch.tensor(sequences)
+    mask = torch.ones_like(ids)
+    scfg = ScoringConfig(chunk_positions=chunk)
+
+    @torch.inference_mode()
+    def bare():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    def score():
+        return score_batch(model, sequences, 0, scfg)
+
+    med = time_side_by_side({"bare": bare, "score": score}, reps)
+    tokens = shape.batch * shape.length
+    return {
+        "shape": shape.name,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "batch": shape.batch,
+        "length": shape.length,
+        "chunk_positions": chunk,
+        "bare_tok_s": tokens / med["bare"],
+        "score_tok_s": tokens / med["score"],
+        "ratio": med["bare"] / med["score"],
+    }
+
+
+# --- 2. peak memory (one fresh subprocess per configuration) --------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(mode: str, batch: int, chunk: int) -> dict:
+    """Runs in the subprocess: build the model, reset the peak, score (or forward) once, report the peak added."""
+    model = build_model(MEMORY_SHAPE, max_positions=MEMORY_CONTEXT)
+    sequences = random_batch(MEMORY_SHAPE, batch, MEMORY_CONTEXT)
+    ids = torch.tensor(sequences)
+    mask = torch.ones_like(ids)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM, and with it ru_maxrss) to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    rss_before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    if mode == "score":
+        score_batch(model, sequences, 0, ScoringConfig(chunk_positions=chunk))
+    else:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask).logits.sum()
+    seconds = time.perf_counter() - start
+    peak = max(_status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # both in KiB on Linux
+    return {"mode": mode, "batch": batch, "chunk": chunk, "added_mib": (peak - rss_before) / 1024, "peak_reset": reset,
+            "seconds": seconds}
+
+
+def memory(mode: str, batch: int, chunk: int) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", mode, str(batch), str(chunk)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    row["full_logits_mib"] = batch * MEMORY_CONTEXT * QWEN_VOCAB * 4 / MIB
+    row["chunk_logits_mib"] = min(chunk, batch * MEMORY_CONTEXT) * QWEN_VOCAB * 4 / MIB if mode == "score" else None
+    return row
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (< 30 s)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each side (default 5, quick 3)")
+    parser.add_argument("--chunk", type=int, default=ScoringConfig().chunk_positions, help="chunk_positions for throughput")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODE", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        mode, batch, chunk = args.memory_child
+        print(json.dumps(memory_child(mode, int(batch), int(chunk))))
+        return
+
+    reps = args.reps or (3 if args.quick else 5)
+    t0 = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32, sdpa attention; {reps} interleaved reps, medians")
+    print("\n## Throughput: score_batch vs bare forward (target >= 0.90x)\n")
+    print("| model | params | batch x length | bare tok/s | scoring tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for shape in QUICK_SHAPES if args.quick else THROUGHPUT_SHAPES:
+        r = throughput(shape, reps, args.chunk)
+        rows.append(r)
+        print(f"| {r['shape']} | {r['params_M']}M | {r['batch']} x {r['length']} | {r['bare_tok_s']:,.0f} "
+              f"| {r['score_tok_s']:,.0f} | {r['ratio']:.2f}x |", flush=True)
+
+    print(f"\n## Peak memory added by one call, vocab {QWEN_VOCAB:,}, context {MEMORY_CONTEXT:,} "
+          f"(hidden {MEMORY_SHAPE.hidden}, {MEMORY_SHAPE.layers} layers)\n")
+    print("| what | batch | chunk_positions | peak added MiB | one chunk of fp32 logits MiB | full fp32 logits MiB | peak / full logits |")
+    print("|---|---|---|---|---|---|---|")
+    mem = []
+    runs = [("score", b, c) for b, c in (QUICK_MEMORY_RUNS if args.quick else MEMORY_RUNS)]
+    if not args.quick:
+        runs.append(("bare", 1, 0))
+    for mode, batch, chunk in runs:
+        m = memory(mode, batch, chunk)
+        mem.append(m)
+        what = "score_batch" if mode == "score" else "bare forward"
+        chunk_mib = f"{m['chunk_logits_mib']:,.0f}" if mode == "score" else "-"
+        print(f"| {what} | {batch} | {chunk or '-'} | {m['added_mib']:,.0f} | {chunk_mib} | {m['full_logits_mib']:,.0f} "
+              f"| {m['added_mib'] / m['full_logits_mib']:.2f} |", flush=True)
+    if not all(m["peak_reset"] for m in mem):
+        print("\n(peak RSS could not be reset here: peaks count from process start, model build included)")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"throughput": rows, "memory": mem, "reps": reps}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
