@@ -485,7 +485,7 @@ def format_table(results: dict, baseline_label: str) -> str:
         cells = [_cell(res["tiers"][t]) for t in TIERS]
         lines.append(f"| {label} | {res.get('mode', '')} | " + " | ".join(cells) + f" | {avg} | {think} | {malformed} |")
     n = {t: max(r["tiers"][t]["n"] for r in results.values()) for t in TIERS}
-    lines += ["", f"Next-token accuracy (%) with 95% Wilson intervals; positions per tier: "
+    lines += ["", "Next-token accuracy (%) with 95% Wilson intervals; positions per tier: "
               + ", ".join(f"{t} {n[t]}" for t in TIERS) + f". Average = mean of the three tiers; baseline: {baseline_label}."]
 
     reasoning = {k: r for k, r in results.items() if r.get("average_prefix") is not None}

@@ -22,7 +22,6 @@ process), so a run resumed from a checkpoint draws what the uninterrupted run wo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
 from rmt.run_dir import MetricsLog, open_run_dir
 from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, step_generator
+from rmt.update import MicroBatch, policy_update
 from rmt.verifiers import VerifierError, call_verifier, load_verifier, posttrain_reward, reasoning_gym_entry
 
 log = logging.getLogger(__name__)
@@ -406,61 +406,16 @@ def grpo_update(cfg: RMTConfig, pairs, advantages: torch.Tensor, model, ref_mode
     split into train.grad_accum micro-batches; the loss is normalised by the global counts over all processes.
     Returns metrics; ``finite`` is False when the step was skipped (non-finite loss or gradient).
     """
-    world, device, temp = accelerator.num_processes, accelerator.device, cfg.rollout.temperature
+    device = accelerator.device
     counts = torch.tensor([float(sum(len(r) for _, r in pairs)), float(len(pairs))], device=device)
     counts = accelerator.reduce(counts, reduction="sum")
     norm = losses.Normalizers(rl_tokens=counts[0].item() or None, rl_sequences=counts[1].item() or None, rl_horizon=horizon)
-    micro = [m.tolist() for m in np.array_split(np.arange(len(pairs)), cfg.train.grad_accum) if len(m)]
-    adv = advantages.to(device=device, dtype=torch.float32)
-
-    old_lp, ref_lp = [None] * len(micro), [None] * len(micro)
-    if cfg.grpo.num_iterations > 1 or ref_model is not None:
-        with torch.no_grad():
-            for k, idx in enumerate(micro):
-                sub = [pairs[i] for i in idx]
-                if cfg.grpo.num_iterations > 1:
-                    old_lp[k] = rollout_batch.forward_logprobs(model, None, sub, temp, pad_id).response
-                if ref_model is not None:
-                    ref_lp[k] = rollout_batch.forward_logprobs(ref_model, None, sub, temp, pad_id).response
-
-    model.train()
-    t0 = time.perf_counter()
-    finite, grad_norm, totals = True, None, {}
-    for _ in range(cfg.grpo.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        totals = {}
-        for k, idx in enumerate(micro):
-            sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                out = rollout_batch.forward_logprobs(model, None, [pairs[i] for i in idx], temp, pad_id)
-                terms = losses.unified_loss(
-                    grpo=cfg.grpo, ntp_weight=0.0, logprobs=out.response, advantages=adv[idx],
-                    response_mask=out.response_mask, old_logprobs=old_lp[k], ref_logprobs=ref_lp[k],
-                    norm=norm, world_size=world,
-                )
-                if not torch.isfinite(terms.loss):
-                    finite = False
-                    break
-                accelerator.backward(terms.loss)
-            for key, v in terms.metrics().items():
-                totals[key] = totals.get(key, 0.0) + v / (world if key == "loss" else 1)
-        if finite and cfg.train.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            break
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    metrics = {
-        "finite": finite, "time_train_s": time.perf_counter() - t0,
-        "loss": totals.get("loss", float("nan")), "policy_loss": totals.get("policy", 0.0), "kl": totals.get("kl", 0.0),
-        "clip_fraction": totals.get("clip_fraction", 0.0) / max(len(micro), 1), "rl_tokens": totals.get("rl_tokens", 0),
-    }
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
-    return metrics
+    adv = advantages.to(device=device, dtype=torch.float32).reshape(-1, 1)
+    micro = [
+        MicroBatch(pairs=[pairs[i] for i in idx], advantages=adv[idx])
+        for idx in (m.tolist() for m in np.array_split(np.arange(len(pairs)), cfg.train.grad_accum)) if idx
+    ]
+    return policy_update(cfg, micro, norm, model, ref_model, optimizer, scheduler, accelerator, pad_id=pad_id, ntp_weight=0.0)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------

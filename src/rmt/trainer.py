@@ -14,7 +14,6 @@ draws exactly what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -30,6 +29,7 @@ from rmt.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state
 from rmt.config import RMTConfig
 from rmt.errors import CheckpointError, DataError
 from rmt.run_dir import MetricsLog, open_run_dir
+from rmt.update import MicroBatch, policy_update
 
 log = logging.getLogger(__name__)
 
@@ -267,74 +267,21 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
         metrics.update(finite=True, skipped_empty=1, loss=0.0)
         return metrics, []
 
-    pad_id = tokenizer.pad_token_id or 0
-    micro = [list(m) for m in np.array_split(np.arange(len(batch.input_ids)), cfg.train.grad_accum)]
-
-    def micro_inputs(seqs):
+    micro = []
+    for seqs in np.array_split(np.arange(len(batch.input_ids)), cfg.train.grad_accum):
+        seqs = seqs.tolist()
         responses = rl.flat(set(seqs)) if rl is not None else []
-        pairs = [(p, r) for _, p, r, _ in responses]
-        adv = torch.tensor([a for *_, a in responses], dtype=torch.float32, device=accelerator.device)[:, None]
         width = max(len(batch.input_ids[i]) for i in seqs)
-        mask = torch.as_tensor(ntp_mask[seqs][:, :width], device=accelerator.device)
-        return [batch.input_ids[i] for i in seqs], pairs, adv, mask
-
-    old_lp, ref_lp = [None] * len(micro), [None] * len(micro)
-    if rl is not None and (cfg.grpo.num_iterations > 1 or ref_model is not None):
-        with torch.no_grad():
-            for k, seqs in enumerate(micro):
-                _, pairs, _, _ = micro_inputs(seqs)
-                if pairs and cfg.grpo.num_iterations > 1:
-                    old_lp[k] = rollout_batch.forward_logprobs(model, None, pairs, cfg.rollout.temperature, pad_id).response
-                if pairs and ref_model is not None:
-                    ref_lp[k] = rollout_batch.forward_logprobs(ref_model, None, pairs, cfg.rollout.temperature, pad_id).response
-
-    model.train()
-    t0 = time.perf_counter()
-    finite, grad_norm, totals = True, None, {}
-    for _ in range(cfg.grpo.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        totals = {}
-        for k, seqs in enumerate(micro):
-            seqs_ids, pairs, adv, mask = micro_inputs(seqs)
-            sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                out = rollout_batch.forward_logprobs(model, seqs_ids if use_ntp else None, pairs or None, cfg.rollout.temperature, pad_id)
-                terms = losses.unified_loss(
-                    grpo=cfg.grpo, ntp_weight=cfg.ntp.weight,
-                    logprobs=out.response, advantages=adv if pairs else None, response_mask=out.response_mask,
-                    old_logprobs=old_lp[k], ref_logprobs=ref_lp[k],
-                    ntp_logprobs=out.ntp_logprobs, ntp_mask=mask if use_ntp else None,
-                    norm=norm, world_size=world,
-                )
-                if not torch.isfinite(terms.loss):
-                    finite = False
-                    break
-                loss = terms.loss
-                if not loss.requires_grad:
-                    # Nothing to learn on this process (no RL position, no NTP term): a zero loss through the
-                    # model keeps every process in the same gradient all-reduce.
-                    loss = 0.0 * rollout_batch.forward_logprobs(model, seqs_ids[:1], None, 1.0, pad_id).ntp_logprobs.sum()
-                accelerator.backward(loss)
-            for key, v in terms.metrics().items():
-                totals[key] = totals.get(key, 0.0) + v / (world if key == "loss" else 1)
-        if finite and cfg.train.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            break
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    metrics["time_train_s"] = time.perf_counter() - t0
-    metrics["finite"] = finite
-    metrics.update(
-        loss=totals.get("loss", float("nan")), ntp_loss=totals.get("ntp", 0.0), rl_loss=totals.get("rl", 0.0),
-        policy_loss=totals.get("policy", 0.0), kl=totals.get("kl", 0.0), clip_fraction=totals.get("clip_fraction", 0.0),
-        ntp_tokens=totals.get("ntp_tokens", 0), rl_tokens=totals.get("rl_tokens", 0),
-    )
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
+        micro.append(MicroBatch(
+            sequences=[batch.input_ids[i] for i in seqs] if use_ntp else None,
+            ntp_mask=torch.as_tensor(ntp_mask[seqs][:, :width], device=accelerator.device),
+            pairs=[(p, r) for _, p, r, _ in responses],
+            advantages=torch.tensor([a for *_, a in responses], dtype=torch.float32, device=accelerator.device)[:, None],
+        ))
+    metrics.update(policy_update(
+        cfg, micro, norm, model, ref_model, optimizer, scheduler, accelerator,
+        pad_id=tokenizer.pad_token_id or 0, ntp_weight=cfg.ntp.weight,
+    ))
     n_tokens = sum(len(s) for s in batch.input_ids) + (rl.num_response_tokens if rl else 0)
     metrics["train_tokens_per_s"] = n_tokens * cfg.grpo.num_iterations / max(metrics["time_train_s"], 1e-9)
     if torch.cuda.is_available():

@@ -1,0 +1,96 @@
+"""The optimizer side of a GRPO step, shared by mid-training (`rmt train`) and post-training (`rmt posttrain`).
+
+Given the micro-batches of one step (NTP sequences with their mask, and/or (prompt, response) pairs with their
+advantages) and the global token counts, run ``grpo.num_iterations`` optimizer steps of
+``L = L_RL + lambda * L_NTP``: old and reference log-probabilities first (when needed), then per iteration a forward
+and backward per micro-batch (gradients synchronised only on the last), clipping, and the optimizer and scheduler
+steps. A non-finite loss or gradient skips the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rmt import losses
+from rmt.rollout_batch import forward_logprobs
+
+
+@dataclass
+class MicroBatch:
+    sequences: list[list[int]] | None = None  # corpus sequences for the NTP term (None = no NTP term)
+    ntp_mask: torch.Tensor | None = None  # (B, L) bool, by target position
+    pairs: list[tuple[list[int], list[int]]] | None = None  # (prompt ids, response ids) for the RL term
+    advantages: torch.Tensor | None = None  # (N, 1), one per pair
+
+
+def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model, ref_model, optimizer, scheduler,
+                  accelerator, *, pad_id: int, ntp_weight: float) -> dict:
+    """Run the update; returns metrics (``finite`` False when the step was skipped)."""
+    world, temp = accelerator.num_processes, cfg.rollout.temperature
+    old_lp, ref_lp = [None] * len(micro), [None] * len(micro)
+    if cfg.grpo.num_iterations > 1 or ref_model is not None:
+        with torch.no_grad():
+            for k, mb in enumerate(micro):
+                if not mb.pairs:
+                    continue
+                if cfg.grpo.num_iterations > 1:
+                    old_lp[k] = forward_logprobs(model, None, mb.pairs, temp, pad_id).response
+                if ref_model is not None:
+                    ref_lp[k] = forward_logprobs(ref_model, None, mb.pairs, temp, pad_id).response
+
+    model.train()
+    t0 = time.perf_counter()
+    finite, grad_norm, totals = True, None, {}
+    for _ in range(cfg.grpo.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        totals = {}
+        for k, mb in enumerate(micro):
+            sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                out = forward_logprobs(model, mb.sequences, mb.pairs or None, temp, pad_id)
+                terms = losses.unified_loss(
+                    grpo=cfg.grpo, ntp_weight=ntp_weight,
+                    logprobs=out.response, advantages=mb.advantages if mb.pairs else None,
+                    response_mask=out.response_mask, old_logprobs=old_lp[k], ref_logprobs=ref_lp[k],
+                    ntp_logprobs=out.ntp_logprobs, ntp_mask=mb.ntp_mask if mb.sequences else None,
+                    norm=norm, world_size=world,
+                )
+                if not torch.isfinite(terms.loss):
+                    finite = False
+                    break
+                loss = terms.loss
+                if not loss.requires_grad:
+                    # Nothing to learn here (no RL pair, no NTP term): a zero loss through the model keeps every
+                    # process in the same gradient all-reduce.
+                    loss = 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+                accelerator.backward(loss)
+            for key, v in terms.metrics().items():
+                totals[key] = totals.get(key, 0.0) + v / (world if key == "loss" else 1)
+        if finite and cfg.train.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = {
+        "finite": finite,
+        "time_train_s": time.perf_counter() - t0,
+        "loss": totals.get("loss", float("nan")),
+        "ntp_loss": totals.get("ntp", 0.0),
+        "rl_loss": totals.get("rl", 0.0),
+        "policy_loss": totals.get("policy", 0.0),
+        "kl": totals.get("kl", 0.0),
+        "clip_fraction": totals.get("clip_fraction", 0.0) / max(len(micro), 1),
+        "ntp_tokens": totals.get("ntp_tokens", 0),
+        "rl_tokens": totals.get("rl_tokens", 0),
+    }
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
