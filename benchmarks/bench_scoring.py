@@ -4,12 +4,14 @@ Two measurements (issue "Scale and speed"):
 
 1. Throughput. A bare forward, ``model(input_ids, attention_mask).logits`` (full logits, no entropy), is the limit
    for this step: scoring runs the same decoder once, then the output head and the log-softmax over chunks of
-   ``scoring.chunk_positions`` positions. Both run on the same random batch, interleaved (A B, B A, ...), and the
-   medians give tokens/s and the ratio scoring / bare (target >= 0.9).
+   ``scoring.chunk_positions`` positions. Both run on the same random batch, interleaved (A B, B A, ...): medians
+   give tokens/s, and the ratio scoring / bare is the median of the per-round ratios (target >= 0.9), which a
+   shared, noisy machine disturbs less than the ratio of two medians.
 2. Peak memory with Qwen's 151,936-token vocabulary at 2,048 context on a tiny Llama (hidden 64, 2 layers). Each
-   (batch, chunk) runs in a fresh subprocess: the peak resident set is reset after the model is built
-   (``/proc/self/clear_refs``; where that is refused, ``ru_maxrss`` counts from process start), so the number
-   reported is what one ``score_batch`` call adds on top of the model. It is set against the size of the full fp32
+   (batch, chunk) runs in a fresh subprocess: the peak resident set (VmHWM) is reset after the model is built
+   (``/proc/self/clear_refs``; where that is refused, it counts from process start), so the number reported is
+   what one ``score_batch`` call adds on top of the model. (``ru_maxrss`` is not used: in a child it starts from
+   the parent's peak at fork time.) It is set against the size of the full fp32
    logits, batch x 2048 x 151936 x 4 bytes, which a bare forward must hold.
 
 Random weights and tokens, no downloads. Run from the repository root:
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -92,21 +95,26 @@ def random_batch(shape: Shape, batch: int, length: int) -> list[list[int]]:
 # --- 1. throughput --------------------------------------------------------------------------------------------
 
 
-def time_side_by_side(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each function; repetitions interleaved, the order reversed every other round."""
+def time_side_by_side(fns: dict, reps: int, min_seconds: float) -> dict[str, list[float]]:
+    """Seconds of each function per round; rounds interleaved, the order reversed every other round.
+
+    At least ``reps`` rounds, more for fast functions so that the rounds take about ``min_seconds`` in all.
+    """
+    start = time.perf_counter()
     for fn in fns.values():  # warm-up
         fn()
+    rounds = max(reps, math.ceil(min_seconds / (time.perf_counter() - start)))
     times = {name: [] for name in fns}
     names = list(fns)
-    for rep in range(reps):
+    for rep in range(rounds):
         for name in names if rep % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def throughput(shape: Shape, reps: int, chunk: int) -> dict:
+def throughput(shape: Shape, reps: int, min_seconds: float, chunk: int) -> dict:
     model = build_model(shape, max_positions=max(2048, shape.length))
     sequences = random_batch(shape, shape.batch, shape.length)
     ids = torch.tensor(sequences)
@@ -120,7 +128,8 @@ def throughput(shape: Shape, reps: int, chunk: int) -> dict:
     def score():
         return score_batch(model, sequences, 0, scfg)
 
-    med = time_side_by_side({"bare": bare, "score": score}, reps)
+    times = time_side_by_side({"bare": bare, "score": score}, reps, min_seconds)
+    med = {name: statistics.median(t) for name, t in times.items()}
     tokens = shape.batch * shape.length
     return {
         "shape": shape.name,
@@ -128,9 +137,10 @@ def throughput(shape: Shape, reps: int, chunk: int) -> dict:
         "batch": shape.batch,
         "length": shape.length,
         "chunk_positions": chunk,
+        "rounds": len(times["bare"]),
         "bare_tok_s": tokens / med["bare"],
         "score_tok_s": tokens / med["score"],
-        "ratio": med["bare"] / med["score"],
+        "ratio": statistics.median(b / s for b, s in zip(times["bare"], times["score"])),
     }
 
 
@@ -153,7 +163,7 @@ def memory_child(mode: str, batch: int, chunk: int) -> dict:
     mask = torch.ones_like(ids)
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM, and with it ru_maxrss) to the current RSS
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
         reset = True
     except OSError:
         reset = False
@@ -165,7 +175,7 @@ def memory_child(mode: str, batch: int, chunk: int) -> dict:
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask).logits.sum()
     seconds = time.perf_counter() - start
-    peak = max(_status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # both in KiB on Linux
+    peak = _status_kib("VmHWM")
     return {"mode": mode, "batch": batch, "chunk": chunk, "added_mib": (peak - rss_before) / 1024, "peak_reset": reset,
             "seconds": seconds}
 
@@ -185,7 +195,8 @@ def memory(mode: str, batch: int, chunk: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (< 30 s)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each side (default 5, quick 3)")
+    parser.add_argument("--reps", type=int, default=None, help="least timed rounds per shape (default 5, quick 3)")
+    parser.add_argument("--min-seconds", type=float, default=None, help="more rounds for fast shapes (default 10, quick 3)")
     parser.add_argument("--chunk", type=int, default=ScoringConfig().chunk_positions, help="chunk_positions for throughput")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODE", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
@@ -196,16 +207,18 @@ def main() -> None:
         return
 
     reps = args.reps or (3 if args.quick else 5)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (3.0 if args.quick else 10.0)
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32, sdpa attention; {reps} interleaved reps, medians")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; fp32, sdpa attention; >= {reps} interleaved rounds, medians")
     print("\n## Throughput: score_batch vs bare forward (target >= 0.90x)\n")
-    print("| model | params | batch x length | bare tok/s | scoring tok/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | params | batch x length | rounds | bare tok/s | scoring tok/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for shape in QUICK_SHAPES if args.quick else THROUGHPUT_SHAPES:
-        r = throughput(shape, reps, args.chunk)
+        r = throughput(shape, reps, min_seconds, args.chunk)
         rows.append(r)
-        print(f"| {r['shape']} | {r['params_M']}M | {r['batch']} x {r['length']} | {r['bare_tok_s']:,.0f} "
+        print(f"| {r['shape']} | {r['params_M']}M | {r['batch']} x {r['length']} | {r['rounds']} | {r['bare_tok_s']:,.0f} "
               f"| {r['score_tok_s']:,.0f} | {r['ratio']:.2f}x |", flush=True)
 
     print(f"\n## Peak memory added by one call, vocab {QWEN_VOCAB:,}, context {MEMORY_CONTEXT:,} "
@@ -225,7 +238,7 @@ def main() -> None:
               f"| {m['added_mib'] / m['full_logits_mib']:.2f} |", flush=True)
     if not all(m["peak_reset"] for m in mem):
         print("\n(peak RSS could not be reset here: peaks count from process start, model build included)")
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s, load average now {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"throughput": rows, "memory": mem, "reps": reps}, f, indent=2)

@@ -220,7 +220,8 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> di
 
     trainer.add_callback(Interleave())
     trainer.train()
-    assert sorted(map(tuple, seen_prompts)) == sorted(tuple(p) for p in prompts for _ in range(G)), "TRL saw other prompt ids"
+    steps = warmup + reps
+    assert sorted(map(tuple, seen_prompts)) == sorted(tuple(p) for p in prompts for _ in range(G * steps)), "TRL saw other ids"
 
     result = {"prompt_len": [len(p) for p in prompts], "row_len": [len(r) for r in rows], "reps": reps}
     for name, runs in times.items():

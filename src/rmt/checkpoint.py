@@ -64,14 +64,18 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int,
+                    state_dict: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``.
+
+    ``state_dict``: the full weights when they had to be gathered first (sharded models); None = the model's own.
+    """
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=ckpt_dir))
     try:
-        model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+        model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "model"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -211,3 +211,7 @@ def demo(
 
 def main() -> None:  # pragma: no cover - entry point
     app()
+
+
+if __name__ == "__main__":  # `python -m rmt.cli ...`, e.g. under torchrun
+    app()

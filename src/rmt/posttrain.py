@@ -39,7 +39,7 @@ from rmt.errors import DataError, ModelError
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
 from rmt.run_dir import MetricsLog, open_run_dir
-from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, step_generator
+from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, save_final, step_generator
 from rmt.update import MicroBatch, policy_update
 from rmt.verifiers import VerifierError, call_verifier, load_verifier, posttrain_reward, reasoning_gym_entry
 
@@ -543,10 +543,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     bar.close()
     if step >= T:  # also when a run stopped between its last checkpoint and its final model
         run_eval("after")
-        if accelerator.is_main_process:
-            final = run_dir / "final"
-            accelerator.unwrap_model(model).save_pretrained(str(final), safe_serialization=True)
-            tokenizer.save_pretrained(str(final))
-            log.info("finished: model saved to %s", final)
+        save_final(model, tokenizer, accelerator, run_dir / "final")
+        log.info("finished: model saved to %s", run_dir / "final")
     accelerator.end_training()
     return run_dir

@@ -174,7 +174,7 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
 
     prepared = Path(cfg.data.prepared_dir)
     prep_meta = load_meta(prepared)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     ref_path = cfg.scoring.reference_model or (resolve_model_path(cfg) if model is None else "<given>")
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)

@@ -176,6 +176,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
             metrics, samples = train_step(
                 cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator
             )
+            metrics = reduce_metrics(metrics, accelerator)
             metrics["time_step_s"] = time.perf_counter() - t0
             if not metrics.pop("finite"):
                 nonfinite_in_a_row += 1
@@ -197,24 +198,58 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
             if step % cfg.train.save_every == 0 or step == T or stop.requested:
                 _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator)
     bar.close()
-    if step >= T and accelerator.is_main_process:
-        final = run_dir / "final"
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(final), safe_serialization=True)
-        tokenizer.save_pretrained(str(final))
-        log.info("finished: model saved to %s", final)
+    if step >= T:
+        save_final(model, tokenizer, accelerator, run_dir / "final")
+        log.info("finished: model saved to %s", run_dir / "final")
     accelerator.end_training()
     return run_dir
 
 
-def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator) -> None:
+# Per-process metrics that add up to the step's value (loss terms are contributions under global normalisers).
+SUM_KEYS = ("loss", "ntp_loss", "rl_loss", "policy_loss", "kl", "ntp_tokens", "rl_tokens", "rl_positions",
+            "tier_easy", "tier_medium", "tier_hard", "prompts_truncated")
+# Per-process means, averaged over the processes that have them.
+MEAN_KEYS = ("reward", "reward_match", "reward_length", "rollout_accuracy", "think_len_mean", "think_len_p90",
+             "response_len_mean", "malformed_frac", "truncated_frac", "mixed_groups_frac", "clip_fraction",
+             "rollout_accuracy_computed", "rollout_accuracy_random")
+
+
+def reduce_metrics(metrics: dict, accelerator) -> dict:
+    """Combine the metrics of all processes (a no-op with one): sums for contributions, means for averages."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = SUM_KEYS + MEAN_KEYS
+    values = torch.tensor([[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum").cpu()
+    out = dict(metrics)
+    for i, k in enumerate(keys):
+        total, present = values[i].tolist()
+        if present:
+            out[k] = total if k in SUM_KEYS else total / present
+    if out.get("rl_positions"):
+        for tier in ("easy", "medium", "hard"):
+            out[f"frac_{tier}"] = out.get(f"tier_{tier}", 0) / out["rl_positions"]
+    return out
+
+
+def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, keep_last: int | None = None) -> None:
+    """Checkpoint from the main process; the full weights are gathered on every process first (FSDP shards them)."""
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_checkpoint(
             run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-            {"preset": cfg.preset}, cfg.train.keep_last,
+            {"preset": cfg.preset}, keep_last or cfg.train.keep_last, state_dict=state_dict,
         )
     accelerator.wait_for_everyone()
+
+
+def save_final(model, tokenizer, accelerator, folder: Path) -> None:
+    """The finished model in Hugging Face format (safetensors), written by the main process."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(str(folder))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -27,6 +27,14 @@ class MicroBatch:
     advantages: torch.Tensor | None = None  # (N, 1), one per pair
 
 
+def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Finite on every process: all of them skip the step together, or none does (no hung all-reduce)."""
+    ok = torch.tensor(float(torch.isfinite(loss.detach())), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok, reduction="sum") / accelerator.num_processes
+    return bool(ok.item() == 1.0)
+
+
 def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model, ref_model, optimizer, scheduler,
                   accelerator, *, pad_id: int, ntp_weight: float) -> dict:
     """Run the update; returns metrics (``finite`` False when the step was skipped)."""
@@ -59,7 +67,7 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
                     ntp_logprobs=out.ntp_logprobs, ntp_mask=mb.ntp_mask if mb.sequences else None,
                     norm=norm, world_size=world,
                 )
-                if not torch.isfinite(terms.loss):
+                if not _all_finite(terms.loss, accelerator):
                     finite = False
                     break
                 loss = terms.loss
