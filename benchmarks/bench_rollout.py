@@ -26,7 +26,7 @@ import torch
 from rmt.rollout import HFEngine, StopRule
 
 # The embedded default's model shape (SPEC section 8).
-MODEL = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688)
+MODEL = {"vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 688}
 
 
 def build_model(attn: str, max_positions: int):
@@ -92,8 +92,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per response (default 32)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each side (default 5, quick 2)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, one per core)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prefixes = args.prefix or ([1024] if args.quick else [256, 1024])
     reps = args.reps or (2 if args.quick else 5)
 

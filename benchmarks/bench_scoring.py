@@ -63,6 +63,8 @@ THROUGHPUT_SHAPES = [
     Shape("same decoder, vocab 32,000", 32_000, 256, 4, 4, 688, 8, 256),
     Shape("same decoder, vocab 151,936", QWEN_VOCAB, 256, 4, 4, 688, 4, 256),
 ]
+# Optional (--wide): Qwen2.5-0.5B's width and vocabulary on 2 layers, where the head outweighs the entropy more.
+WIDE_SHAPE = Shape("hidden 896, 2 layers, vocab 151,936", QWEN_VOCAB, 896, 2, 14, 4864, 2, 256)
 QUICK_SHAPES = [THROUGHPUT_SHAPES[0], Shape("same decoder, vocab 32,000", 32_000, 256, 4, 4, 688, 4, 128)]
 MEMORY_RUNS = [(1, 256), (4, 256), (1, 1024), (4, 1024)]  # (batch, chunk_positions) at 2,048 context
 QUICK_MEMORY_RUNS = [(1, 256), (2, 256)]
@@ -181,7 +183,7 @@ def memory_child(mode: str, batch: int, chunk: int) -> dict:
 
 
 def memory(mode: str, batch: int, chunk: int) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", mode, str(batch), str(chunk)]
+    cmd = [sys.executable, __file__, "--memory-child", mode, str(batch), str(chunk), "--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
     row["full_logits_mib"] = batch * MEMORY_CONTEXT * QWEN_VOCAB * 4 / MIB
@@ -195,12 +197,16 @@ def memory(mode: str, batch: int, chunk: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (< 30 s)")
+    parser.add_argument("--wide", action="store_true", help="also time a hidden-896 model with vocab 151,936 (+1-2 min)")
     parser.add_argument("--reps", type=int, default=None, help="least timed rounds per shape (default 5, quick 3)")
     parser.add_argument("--min-seconds", type=float, default=None, help="more rounds for fast shapes (default 10, quick 3)")
     parser.add_argument("--chunk", type=int, default=ScoringConfig().chunk_positions, help="chunk_positions for throughput")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, one per core)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODE", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         mode, batch, chunk = args.memory_child
         print(json.dumps(memory_child(mode, int(batch), int(chunk))))
@@ -215,7 +221,8 @@ def main() -> None:
     print("| model | params | batch x length | rounds | bare tok/s | scoring tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     rows = []
-    for shape in QUICK_SHAPES if args.quick else THROUGHPUT_SHAPES:
+    shapes = (QUICK_SHAPES if args.quick else THROUGHPUT_SHAPES) + ([WIDE_SHAPE] if args.wide else [])
+    for shape in shapes:
         r = throughput(shape, reps, min_seconds, args.chunk)
         rows.append(r)
         print(f"| {r['shape']} | {r['params_M']}M | {r['batch']} x {r['length']} | {r['rounds']} | {r['bare_tok_s']:,.0f} "

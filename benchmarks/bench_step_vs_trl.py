@@ -14,8 +14,12 @@ HFEngine.generate_groups -> rewards -> losses.group_advantages -> forward.forwar
 
 The prompt of each RL position is corpus row[:pos] + ``<think>``, as the raw template builds it. Steps run
 interleaved (TRL step, then each of ours, in rotating order) inside one process, and the medians are compared, so
-that the load of other users of a shared machine falls on all sides alike. TRL's steps are timed from its
-``on_step_begin`` to ``on_step_end`` callbacks (generation, loss, backward, optimizer step, its bookkeeping).
+that the load of other users of a shared machine falls on all sides alike. Each phase is timed on two clocks: wall
+time, and this process's CPU time, which the other jobs of a shared machine disturb far less (with one torch
+thread, the default here, CPU time is the work done; with more, it also counts threads spinning at barriers).
+TRL's steps are timed from its ``on_step_begin`` to ``on_step_end`` callbacks (generation, loss, backward,
+optimizer step, its bookkeeping); its phases by wrapping ``_generate_single_turn``,
+``_get_per_token_logps_and_entropies`` and ``accelerator.backward``.
 
     python benchmarks/bench_step_vs_trl.py --prompt-lens 256 768 --reps 5 --out bench_step.json
 """
@@ -104,17 +108,29 @@ def reward(texts: list[str]) -> list[float]:
     return out
 
 
+def now() -> tuple[float, float]:
+    """(wall, CPU) seconds. CPU time of this process is what the other users of a shared machine disturb least."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0: tuple[float, float]) -> tuple[float, float]:
+    t1 = now()
+    return t1[0] - t0[0], t1[1] - t0[1]
+
+
 class Timer:
     def __init__(self):
-        self.t = defaultdict(float)
+        self.t = {}
 
     def wrap(self, name, fn):
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0 = now()
             try:
                 return fn(*a, **k)
             finally:
-                self.t[name] += time.perf_counter() - t0
+                wall, cpu = since(t0)
+                old = self.t.get(name, (0.0, 0.0))
+                self.t[name] = (old[0] + wall, old[1] + cpu)
 
         return timed
 
@@ -125,9 +141,9 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
     from rmt.rollout import StopRule
 
     t = {}
-    t0 = time.perf_counter()
+    start = t0 = now()
     groups = engine.generate_groups(prompts, G, NEW_TOKENS, stop=StopRule(), temperature=1.0, generator=generator)
-    t1 = time.perf_counter()
+    t["rollout"], t0 = since(t0), now()
     texts = [tokenizer.decode(r.token_ids) for g in groups for r in g.responses]
     advantages = losses.group_advantages(torch.tensor(reward(texts)).view(len(groups), G)).view(-1, 1)
     pairs = [(g.prompt_ids, r.token_ids) for g in groups for r in g.responses]
@@ -143,15 +159,14 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
         grpo=GRPOConfig(), ntp_weight=0.1 if ntp else 0.0, logprobs=out.response, advantages=advantages,
         response_mask=out.response_mask, ntp_logprobs=out.ntp_logprobs, ntp_mask=ntp_mask,
     )
-    t2 = time.perf_counter()
+    t["forward"], t0 = since(t0), now()
     terms.loss.backward()
-    t3 = time.perf_counter()
+    t["backward"], t0 = since(t0), now()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    t4 = time.perf_counter()
+    t["optimizer"], t["step"] = since(t0), since(start)
     assert all(len(r.token_ids) == NEW_TOKENS for g in groups for r in g.responses)
-    t.update(step=t4 - t0, rollout=t1 - t0, forward=t2 - t1, backward=t3 - t2, optimizer=t4 - t3)
     return t
 
 
@@ -205,12 +220,12 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> di
 
         def on_step_begin(self, args, state, control, **kw):
             trl_timer.t.clear()
-            self.t0 = time.perf_counter()
+            self.t0 = now()
 
         def on_step_end(self, args, state, control, **kw):
-            step_s = time.perf_counter() - self.t0
+            step = since(self.t0)
             if self.step >= warmup:
-                times["trl"].append(dict(trl_timer.t, step=step_s))
+                times["trl"].append(dict(trl_timer.t, step=step))
             order = variants[self.step % 3 :] + variants[: self.step % 3]
             for v in order:
                 t = rmt_step(ours, optimizer, engine, tokenizer, rows, prompts, v, torch.Generator().manual_seed(self.step))
@@ -224,14 +239,17 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> di
     assert sorted(map(tuple, seen_prompts)) == sorted(tuple(p) for p in prompts for _ in range(G * steps)), "TRL saw other ids"
 
     result = {"prompt_len": [len(p) for p in prompts], "row_len": [len(r) for r in rows], "reps": reps}
+    phases = ("rollout", "forward", "backward", "optimizer", "step")
     for name, runs in times.items():
-        med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
-        med["completions_per_s"] = N_PROMPTS * G / med["step"]
-        med["all_step_s"] = [round(r["step"], 3) for r in runs]
-        result[name] = med
-    trl_step = result["trl"]["step"]
+        res = {}
+        for clock, c in (("wall", 0), ("cpu", 1)):
+            res[clock] = {k: statistics.median(r.get(k, (0.0, 0.0))[c] for r in runs) for k in phases}
+            res[clock]["all_steps"] = [round(r["step"][c], 3) for r in runs]
+            res[clock]["completions_per_s"] = N_PROMPTS * G / res[clock]["step"]
+        result[name] = res
     for v in variants:
-        result[v]["speedup_vs_trl"] = trl_step / result[v]["step"]
+        for clock in ("wall", "cpu"):
+            result[v][clock]["speedup_vs_trl"] = result["trl"][clock]["step"] / result[v][clock]["step"]
     return result
 
 
@@ -241,7 +259,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 keeps CPU time meaningful on a machine shared with other jobs")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -249,13 +268,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for p in a.prompt_lens:
             results[str(p)] = r = run(p, a.reps, a.warmup, a.attn, Path(tmp))
-            print(f"prompt {p}: " + ", ".join(
-                f"{k} {r[k]['step']:.2f}s ({r[k]['completions_per_s']:.1f} compl/s"
-                + (f", x{r[k]['speedup_vs_trl']:.2f}" if "speedup_vs_trl" in r[k] else "") + ")"
-                for k in ("trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp")
-            ), flush=True)
-            for k in ("trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp"):
-                print(f"  {k:16s} " + " ".join(f"{n}={r[k].get(n, 0):.3f}" for n in ("rollout", "forward", "backward", "optimizer", "step")))
+            for clock in ("wall", "cpu"):
+                print(f"prompt {p} ({clock} time): " + ", ".join(
+                    f"{k} {r[k][clock]['step']:.2f}s ({r[k][clock]['completions_per_s']:.2f} compl/s"
+                    + (f", x{r[k][clock]['speedup_vs_trl']:.2f}" if "speedup_vs_trl" in r[k][clock] else "") + ")"
+                    for k in ("trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp")
+                ), flush=True)
+                for k in ("trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp"):
+                    print(f"  {k:16s} " + " ".join(f"{n}={r[k][clock][n]:.3f}" for n in ("rollout", "forward", "backward", "optimizer", "step")))
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))
 

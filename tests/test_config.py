@@ -79,3 +79,12 @@ def test_every_field_is_documented():
     rows = describe_fields()
     assert len(rows) > 60
     assert all(desc for _, _, desc in rows), [name for name, _, desc in rows if not desc]
+
+
+def test_docs_config_reference_is_up_to_date():
+    from pathlib import Path
+
+    from rmt.config import fields_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "config.md"
+    assert doc.read_text() == fields_markdown(), "regenerate with: rmt config --markdown > docs/config.md"

@@ -63,8 +63,14 @@ def config_cmd(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
     fields: bool = typer.Option(False, "--fields", help="List every field with its default and description."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the field reference as markdown (docs/config.md)."),
 ) -> None:
     """Validate a config and print it as YAML (or list every field)."""
+    if markdown:
+        from rmt.config import fields_markdown
+
+        sys.stdout.write(fields_markdown())
+        return
     if fields:
         for name, default, desc in describe_fields():
             sys.stdout.write(f"{name} = {default}\n    {desc}\n")

@@ -574,3 +574,20 @@ def describe_fields(model: type[BaseModel] = RMTConfig, prefix: str = "") -> lis
         else:
             rows.append((f"{prefix}{name}", repr(field.default), field.description or ""))
     return rows
+
+
+def fields_markdown() -> str:
+    """docs/config.md: every field with its default and description, one table per section."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Every field of the configuration (`rmt/config.py`) with its default. Set a field with `section.field=value`",
+        "on the command line or in a YAML file. Regenerate this page with `rmt config --markdown > docs/config.md`.",
+    ]
+    section = None
+    for name, default, desc in describe_fields():
+        if name.split(".")[0] != section:
+            section = name.split(".")[0]
+            out += ["", f"## `{section}`", "", "| field | default | description |", "|---|---|---|"]
+        out.append(f"| `{name}` | `{default}` | {desc.replace('|', '/')} |")
+    return "\n".join(out) + "\n"

@@ -120,6 +120,30 @@ def _assemble(lp: torch.Tensor, rows, cols, shape, device) -> torch.Tensor:
     return out.index_put((_tensor(rows, device), _tensor(cols, device)), lp.float())
 
 
+@dataclass
+class Reads:
+    """Log-probabilities to read from a forward: the (row, col) whose hidden state predicts the target, the target
+    token, and where the value goes in the output tensor (dst_row, dst_col)."""
+
+    src_row: list[int] = field(default_factory=list)
+    src_col: list[int] = field(default_factory=list)
+    target: list[int] = field(default_factory=list)
+    dst_row: list[int] = field(default_factory=list)
+    dst_col: list[int] = field(default_factory=list)
+
+    def add(self, src_row, src_col, target, dst_row, dst_col) -> None:
+        self.src_row.extend(src_row)
+        self.src_col.extend(src_col)
+        self.target.extend(target)
+        self.dst_row.extend(dst_row)
+        self.dst_col.extend(dst_col)
+
+    def run(self, read: Reader, temperature: float, shape, device) -> torch.Tensor:
+        src = (_tensor(self.src_row, device), _tensor(self.src_col, device))
+        lp = read(*src, _tensor(self.target, device), temperature) if self.target else torch.zeros(0, device=device)
+        return _assemble(lp, self.dst_row, self.dst_col, shape, device)
+
+
 def _response_layout(responses) -> tuple[int, torch.Tensor]:
     """R = longest response; the (N, R) mask of right-aligned response tokens."""
     R = max(len(r) for _, r in responses)
@@ -149,29 +173,25 @@ def plain_forward_logprobs(model, sequences, responses, temperature: float, pad_
     """The reference: a forward over the right-padded sequences, and one over the left-padded prompt + response
     rows (each prompt computed once per response). ``chunked=False`` reads full logits (the original path)."""
     device = model_device(model)
-    ntp = None
+    ntp = resp = resp_mask = None
     if sequences:
         ids, mask = _pad(sequences, pad_id, left=False, device=device)
-        read = run_model(model, ids, mask, None, chunked=chunked)
-        rows, cols = [], []
+        reads = Reads()
         for b, s in enumerate(sequences):
-            rows += [b] * (len(s) - 1)
-            cols += range(1, len(s))
-        r_t, c_t = _tensor(rows, device), _tensor(cols, device)
-        lp = read(r_t, c_t - 1, ids[r_t, c_t], 1.0) if rows else torch.zeros(0, device=device)
-        ntp = _assemble(lp, rows, cols, ids.shape, device)
-    resp = resp_mask = None
+            reads.add([b] * (len(s) - 1), range(len(s) - 1), s[1:], [b] * (len(s) - 1), range(1, len(s)))
+        ntp = reads.run(run_model(model, ids, mask, None, chunked=chunked), 1.0, ids.shape, device)
     if responses:
         R, resp_mask = _response_layout(responses)
         resp_mask = resp_mask.to(device)
         resp = torch.zeros(resp_mask.shape, device=device)
         if R > 0:
             ids, mask = _pad([p + r for p, r in responses], pad_id, left=True, device=device)
+            W, reads = ids.shape[1], Reads()
+            for i, (_, r) in enumerate(responses):  # response token j sits at column W - len(r) + j
+                n = len(r)
+                reads.add([i] * n, range(W - n - 1, W - 1), r, [i] * n, range(R - n, R))
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            read = run_model(model, ids, mask, positions, chunked=chunked, keep=R + 1)
-            rows, cols = resp_mask.nonzero(as_tuple=True)  # response token (i, R - len + j) sits at column W - R + col
-            src = ids.shape[1] - R + cols - 1
-            resp = _assemble(read(rows, src, ids[rows, src + 1], temperature), rows.tolist(), cols.tolist(), resp_mask.shape, device)
+            resp = reads.run(run_model(model, ids, mask, positions, chunked=chunked, keep=R + 1), temperature, resp_mask.shape, device)
     return ForwardOut(ntp, resp, resp_mask)
 
 
@@ -269,61 +289,44 @@ def plan_rows(trunks: list[Trunk], k: float) -> list[Row]:
 
 @dataclass
 class Packed:
-    """The rows as tensors, and where each log-probability is read (row, col) and stored."""
-
     ids: torch.Tensor  # (B', L)
     positions: torch.Tensor  # (B', L)
     allowed: torch.Tensor  # (B', 1, L, L) bool: query may attend to key
-    ntp_src: tuple[list[int], list[int]]  # (row, col) of the hidden state predicting each NTP target
-    ntp_dst: tuple[list[int], list[int]]  # (sequence, position) of the target
-    resp_src: tuple[list[int], list[int]]
-    resp_dst: tuple[list[int], list[int]]  # (response, right-aligned column)
-    ntp_targets: list[int] = field(default_factory=list)
-    resp_targets: list[int] = field(default_factory=list)
+    ntp: Reads  # NTP targets of the sequences: dst = (sequence, position)
+    responses: Reads  # response tokens: dst = (response, right-aligned column)
 
 
 def pack(rows: list[Row], responses, R: int, pad_id: int) -> Packed:
-    L = max(r.length for r in rows)
-    B = len(rows)
+    """Token ids, position ids, the attention pattern and the reads of a list of rows."""
+    B, L = len(rows), max(r.length for r in rows)
     ids = np.full((B, L), pad_id, dtype=np.int64)
     positions = np.zeros((B, L), dtype=np.int64)
     owner = np.full((B, L), -2, dtype=np.int64)  # -1 trunk, s >= 0 segment s of the row, -2 padding
     sees_trunk = np.zeros((B, L), dtype=np.int64)  # how many trunk tokens each query sees
-    p = Packed(None, None, None, ([], []), ([], []), ([], []), ([], []))
+    ntp, resp = Reads(), Reads()
     for b, row in enumerate(rows):
         t = row.trunk_len
-        ids[b, :t] = row.trunk.ids[:t]
-        positions[b, :t] = np.arange(t)
-        owner[b, :t] = -1
-        sees_trunk[b, :t] = np.arange(1, t + 1)
-        if row.trunk.sequence is not None and t == len(row.trunk.ids):  # the sequence's full row: NTP targets
-            p.ntp_src[0].extend([b] * (t - 1))
-            p.ntp_src[1].extend(range(t - 1))
-            p.ntp_dst[0].extend([row.trunk.sequence] * (t - 1))
-            p.ntp_dst[1].extend(range(1, t))
-            p.ntp_targets.extend(row.trunk.ids[1:t])
+        ids[b, :t], positions[b, :t], owner[b, :t], sees_trunk[b, :t] = row.trunk.ids[:t], range(t), -1, range(1, t + 1)
+        if row.trunk.sequence is not None and t == len(row.trunk.ids):  # the sequence's full row: its NTP targets
+            ntp.add([b] * (t - 1), range(t - 1), row.trunk.ids[1:t], [row.trunk.sequence] * (t - 1), range(1, t))
         start = t
         for s, seg in enumerate(row.segments):
-            n = len(seg.tokens)
-            ids[b, start : start + n] = seg.tokens
-            positions[b, start : start + n] = seg.attach + np.arange(n)
-            owner[b, start : start + n] = s
-            sees_trunk[b, start : start + n] = seg.attach
+            end = start + len(seg.tokens)
+            ids[b, start:end], positions[b, start:end] = seg.tokens, range(seg.attach, seg.attach + end - start)
+            owner[b, start:end], sees_trunk[b, start:end] = s, seg.attach
             prompt, response = responses[seg.response]
-            for j, token in enumerate(response):
-                x = len(prompt) + j - 1  # logical index of the token that predicts response[j]
-                p.resp_src[0].append(b)
-                p.resp_src[1].append(x if x < seg.attach else start + x - seg.attach)
-                p.resp_dst[0].append(seg.response)
-                p.resp_dst[1].append(R - len(response) + j)
-                p.resp_targets.append(token)
-            start += n
+            # response[j] is predicted by the token at logical index x = len(prompt) + j - 1 of prompt + response:
+            # in the trunk when x < m (the first response token of a prompt without tail), else in the segment.
+            x = np.arange(len(response)) + len(prompt) - 1
+            n = len(response)
+            resp.add([b] * n, np.where(x < seg.attach, x, start + x - seg.attach).tolist(), response,
+                     [seg.response] * n, range(R - n, R))
+            start = end
     key = np.arange(L)
-    is_trunk_key = (owner == -1)[:, None, :] & (key[None, None, :] < sees_trunk[:, :, None])
-    same_segment = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0) & (key[None, None, :] <= key[None, :, None])
-    allowed = is_trunk_key | same_segment | np.eye(L, dtype=bool)[None]  # padding attends to itself only
-    p.ids, p.positions, p.allowed = torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed[:, None])
-    return p
+    trunk_key = (owner == -1)[:, None, :] & (key[None, None, :] < sees_trunk[:, :, None])
+    own_segment = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0) & (key[None, :] <= key[:, None])[None]
+    allowed = trunk_key | own_segment | np.eye(L, dtype=bool)[None]  # padding attends to itself only
+    return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed[:, None]), ntp, resp)
 
 
 def attention_mask_4d(allowed: torch.Tensor, model) -> torch.Tensor:
@@ -350,16 +353,12 @@ def shared_forward_logprobs(model, sequences, responses, temperature: float, pad
             packed.positions.to(device), chunked=chunked,
         )
         if sequences:
-            lp = read(*(_tensor(x, device) for x in packed.ntp_src), _tensor(packed.ntp_targets, device), 1.0)
-            ntp = _assemble(lp, *packed.ntp_dst, (len(sequences), max(len(s) for s in sequences)), device)
-        if responses and packed.resp_targets:
-            lp = read(*(_tensor(x, device) for x in packed.resp_src), _tensor(packed.resp_targets, device), temperature)
-            resp = _assemble(lp, *packed.resp_dst, resp_mask.shape, device)
-    if sequences and ntp is None:
-        ntp = torch.zeros((len(sequences), max(len(s) for s in sequences)), device=device)
+            ntp = packed.ntp.run(read, 1.0, (len(sequences), max(len(s) for s in sequences)), device)
+        if responses:
+            resp = packed.responses.run(read, temperature, resp_mask.shape, device)
     if responses:
         resp_mask = resp_mask.to(device)
-        resp = torch.zeros(resp_mask.shape, device=device) if resp is None else resp
+        resp = torch.zeros(resp_mask.shape, device=device) if resp is None else resp  # every response empty
     return ForwardOut(ntp, resp, resp_mask)
 
 
@@ -396,42 +395,45 @@ def fast_paths(model) -> FastPaths:
         return cached[1]
     result = FastPaths(False, False)
     if not _sharded(model):
-        result = _check(model, hf, impl)
+        result = _check(hf, impl)
     _CHECKED[hf] = (impl, result)
     if not result.shared:
         log.info("shared-prefix training forward off for this model (attention %s): plain forward used", impl)
     return result
 
 
-def _close(a: ForwardOut, b: ForwardOut, tol: float) -> bool:
+def _agrees(compute: Callable[[], ForwardOut], ref: ForwardOut, tol: float) -> bool:
+    """``compute()`` runs and gives the reference's values (an error, e.g. a rejected 4D mask, counts as no)."""
+    try:
+        out = compute()
+    except Exception as e:  # noqa: BLE001 - any failure means: use the plain path
+        log.info("fast forward path failed on this model (%s: %s)", type(e).__name__, e)
+        return False
     return all(
         (x is None and y is None) or (x is not None and y is not None and torch.allclose(x, y, atol=tol, rtol=0))
-        for x, y in ((a.ntp_logprobs, b.ntp_logprobs), (a.response, b.response))
+        for x, y in ((out.ntp_logprobs, ref.ntp_logprobs), (out.response, ref.response))
     )
 
 
-def _check(model, hf, impl) -> FastPaths:
-    device = model_device(model)
-    vocab = hf.get_output_embeddings().weight.shape[0]
+def _check(hf, impl) -> FastPaths:
+    """Both fast paths against full-logit plain forwards, on a random input that exercises every case of the plan:
+    prompts on a sequence with a tail and without one, a prompt of its own, two sequences."""
+    device = model_device(hf)
     g = torch.Generator().manual_seed(0)
-    seq = torch.randint(0, vocab, (24,), generator=g).tolist()
-    other = torch.randint(0, vocab, (10,), generator=g).tolist()
-    sequences = [seq, seq[:16]]
-    responses = [(seq[:7] + [seq[20]], seq[9:13]), (seq[:15] + [seq[3]], seq[1:4]), (other, seq[2:5]),
+    seq = torch.randint(0, hf.get_output_embeddings().weight.shape[0], (34,), generator=g).tolist()
+    sequences = [seq[:24], seq[:16]]
+    responses = [(seq[:7] + [seq[20]], seq[9:13]), (seq[:15] + [seq[3]], seq[1:4]), (seq[24:], seq[2:5]),
                  (seq[:10], seq[10:12])]
     tol = 1e-4 if next(hf.parameters()).dtype == torch.float32 else 5e-2
     was_training = hf.training
     hf.eval()
-    try:
+    try:  # on the unwrapped model: a DDP wrapper's forward could start collectives that other processes skip
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            ref = plain_forward_logprobs(model, sequences, responses, 1.0, chunked=False)
-            chunked = _close(plain_forward_logprobs(model, sequences, responses, 1.0, chunked=True), ref, tol)
-            shared = False
-            if impl in SHARED_ATTENTION and not _local_attention(hf.config):
-                try:
-                    shared = _close(shared_forward_logprobs(model, sequences, responses, 1.0, chunked=chunked), ref, tol)
-                except Exception as e:  # noqa: BLE001 - a model that rejects 4D masks uses the plain path
-                    log.info("shared-prefix forward failed on this model (%s): plain forward used", e)
+            ref = plain_forward_logprobs(hf, sequences, responses, 1.0, chunked=False)
+            chunked = _agrees(lambda: plain_forward_logprobs(hf, sequences, responses, 1.0, chunked=True), ref, tol)
+            shared = impl in SHARED_ATTENTION and not _local_attention(hf.config) and _agrees(
+                lambda: shared_forward_logprobs(hf, sequences, responses, 1.0, chunked=chunked), ref, tol
+            )
     finally:
         hf.train(was_training)
     return FastPaths(chunked, shared)
