@@ -13,8 +13,10 @@
    accuracy on held-out questions of each task before and after, with 95% Wilson intervals, scored with the
    ``exact`` verifier.
 
-Sizes: ``presets/demo/default.yaml`` + ``presets/demo/paper.yaml`` (the demo's scale, 200 eval positions per tier),
+Sizes: ``presets/demo/paper.yaml`` (the demo's scale with 8 sequences per step and 200 eval positions per tier),
 ``--steps`` and ``--posttrain-steps`` on top; ``--quick`` is a minutes-long smoke version of the same pipeline.
+``--threads``: torch threads. On a CPU shared with other jobs use 1: two threads that compete for two busy cores
+were measured 5-10x slower than one.
 Every stage reuses what a previous call finished (training and post-training resume from their run folders,
 evaluations are cached as JSON), so a stopped run goes on where it stopped when called again with the same arguments.
 
@@ -45,7 +47,7 @@ log = logging.getLogger("paper_tables")
 
 METHODS = ("ntp", "rpt", "rmt", "rmt-no-dtb", "rmt-no-cas", "rmt-no-ntp")
 POSTTRAIN_STARTS = ("base", "ntp", "rpt", "rmt")
-LAYERS = [PRESET_DIR / "demo" / "default.yaml", PRESET_DIR / "demo" / "paper.yaml"]
+LAYERS = [PRESET_DIR / "demo" / "paper.yaml"]  # self-contained sizes, independent of the demo's
 TIERS = ("easy", "medium", "hard")
 TRANSFER_TERMS = 5  # chain_sum terms of the transfer task (the corpora hold 3-4)
 TRANSFER_SEED = 20_250_924  # reasoning-gym seed of the transfer questions
@@ -74,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an existing embedded cache entry (folder with corpus/ and a finished base-*/) instead of ensure_embedded")
     p.add_argument("--quick", action="store_true", help="minutes-long smoke version")
     p.add_argument("--skip-posttrain", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every stage (e.g. train.lr=5e-5)")
     args = p.parse_args(argv)
     size = QUICK if args.quick else {}
@@ -368,7 +371,10 @@ def write_markdown(args, results: dict) -> str:
         f"Command: `{results['command']}`", "",
         f"Seeds (train.seed): {seeds}. Mid-training: {s['steps']} steps x {s['sequences_per_step']} sequences for every method; "
         f"eval positions per tier: " + ", ".join(f"{t} {n[t]}" for t in TIERS) + f"; reasoning-mode cap {s['eval_cap']} tokens, greedy.",
-        f"Wall time: {results['wall_s'] / 60:.1f} min (load average at start {results['loadavg_start']}).", "",
+        f"Base model: `{results['base']['model']}` (embedded corpus format {results['base']['manifest'].get('format', 1)}, "
+        f"reasoning-gym {results['base']['manifest'].get('reasoning_gym', '?')}).",
+        f"Wall time: {results['wall_s'] / 60:.1f} min with {s['machine']['threads']} torch thread(s) "
+        f"(load average at start {results['loadavg_start']}).", "",
         f"## Main table: next-token accuracy (%) by tier ({ci})", "", main_table(args, evals), "",
         "Average = mean of the three tiers. Think len = mean tokens inside <think></think> on the eval positions; "
         "malformed = no </think> or no answer within the cap.", "",
@@ -388,6 +394,12 @@ def write_markdown(args, results: dict) -> str:
 T0 = time.perf_counter()
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def stamp(text: str) -> None:
     log.info("[%5.1f min] %s", (time.perf_counter() - T0) / 60, text)
 
@@ -395,6 +407,10 @@ def stamp(text: str) -> None:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     loadavg = [round(x, 2) for x in os.getloadavg()]
     stamp(f"output: {args.out}; load average {loadavg}")
@@ -419,7 +435,7 @@ def main(argv=None) -> dict:
                      "qa_eval": args.qa_eval, "eval_cap": response_cap(first.eval.budget, first.budget.answer_allowance,
                                                                       first.rollout.max_response_tokens),
                      "overrides": args.base_overrides + args.size_overrides + args.overrides,
-                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}},
+                     "machine": {"cpus": os.cpu_count(), "threads": torch_threads(), "python": platform.python_version()}},
         "train": {}, "eval": {}, "posttrain": {},
     }
 

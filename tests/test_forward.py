@@ -79,6 +79,20 @@ def test_chunked_token_logprobs_match_full_log_softmax(chunk_size):
     assert got.dtype == torch.float32
 
 
+def test_chunked_token_logprobs_under_bf16_autocast_compute_logits_in_bf16():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (9,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float(), dim=-1).gather(-1, targets[:, None])
+        got = losses.chunked_token_logprobs(hidden, weight, targets, chunk_size=4)
+    torch.testing.assert_close(got, full.squeeze(-1))  # same bf16 logits, read in float32
+    expected = torch.autograd.grad(full.sum(), (hidden, weight))
+    for a, b in zip(torch.autograd.grad(got.sum(), (hidden, weight)), expected):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)  # ours accumulates in float32
+
+
 def test_chunked_token_logprobs_agree_with_target_logprobs():
     g = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(2, 6, 8, generator=g), torch.randn(30, 8, generator=g)

@@ -86,7 +86,7 @@ class ScoringConfig(Section):
     top_k: int = Field(16, ge=2, description="k for entropy=topk (RPT uses the top-16 next-token probabilities).")
     batch_size: int = Field(8, ge=1, description="Sequences per scoring forward pass.")
     chunk_positions: int = Field(
-        1024, ge=1, description="Positions whose logits are turned into entropies at once: bounds memory at chunk x vocab."
+        256, ge=1, description="Positions whose logits are turned into entropies at once: peak memory is about 3 x chunk x vocab floats."
     )
     shard_sequences: int = Field(256, ge=1, description="Sequences per written score shard (the unit of resume).")
     tier_rule: Literal["fixed", "quantile"] = Field("fixed", description="Tier boundaries: fixed thresholds, or quantiles of the corpus' entropies.")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from rmt.config import GRPOConfig
 
@@ -146,9 +145,79 @@ def target_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
 CHUNK_LOGITS = 1 << 23
 
 
-def _head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float) -> Tensor:
-    logits = F.linear(hidden, weight, bias).float() / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _chunk_logits(buf: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """(hidden @ weight.T + bias) / T written into the float32 buffer ``buf`` (reused for every chunk: a fresh large
+    tensor per chunk costs more in page faults than the arithmetic on it)."""
+    out = buf[: hidden.shape[0]]
+    if weight.dtype == torch.float32:
+        torch.mm(hidden, weight.t(), out=out)
+        if bias is not None:
+            out.add_(bias)
+    else:
+        out.copy_(F.linear(hidden, weight, bias))
+    return out.div_(temperature)
+
+
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """log softmax((hidden @ weight.T + bias) / T)[targets], chunk by chunk; the backward recomputes each chunk's
+    logits and accumulates the weight's gradient into one buffer (no per-chunk (V, H) gradient tensors).
+
+    Logits are computed in the autocast dtype when autocast is on (as the model's own head would), read in float32;
+    gradients are computed and accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)  # log-sum-exp of each row, kept for the backward's softmax
+        buf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                logits = _chunk_logits(buf, hidden[sl].to(dtype), w, b, temperature)
+                picked = logits.gather(-1, targets[sl, None]).squeeze(-1)
+                top = logits.amax(dim=-1, keepdim=True)
+                lse[sl] = logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+                out[sl] = picked - lse[sl]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        n = hidden.shape[0]
+        buf = torch.empty((min(ctx.chunk_size, n), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
+            w32 = weight.float()
+            for start in range(0, n, ctx.chunk_size):
+                sl = slice(start, start + ctx.chunk_size)
+                g = grad_out[sl, None].float()
+                logits = _chunk_logits(buf, hidden[sl].to(ctx.dtype), w, b, ctx.temperature)
+                # d log p(target) / d logits = (onehot(target) - softmax) / T, times the incoming gradient
+                d_logits = logits.sub_(lse[sl, None]).exp_().mul_(-g).scatter_add_(-1, targets[sl, None], g)
+                d_logits.div_(ctx.temperature)
+                if need_hidden:
+                    grad_hidden[sl] = (d_logits @ w32).to(hidden.dtype)
+                if need_weight:
+                    grad_weight.addmm_(d_logits.t(), hidden[sl].float())
+                if need_bias:
+                    grad_bias += d_logits.sum(dim=0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None, None,
+        )
 
 
 def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
@@ -156,17 +225,12 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     """(N,) log softmax((hidden @ weight.T + bias) / temperature)[targets] from (N, H) hidden states, in float32.
 
     The same values as ``target_logprobs`` over full logits, but only ``chunk_size`` rows of logits (default:
-    CHUNK_LOGITS / V) exist at a time: each chunk runs under ``torch.utils.checkpoint``, which keeps its inputs only
-    and recomputes its logits in the backward. A step's peak memory then no longer holds B x L x V floats.
+    CHUNK_LOGITS / V) exist at a time, in the forward and in the backward (which recomputes them): a step's peak
+    memory no longer holds B x L x V floats.
     """
     if chunk_size is None:
         chunk_size = max(1, CHUNK_LOGITS // weight.shape[0])
-    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start : start + chunk_size], weight, bias, targets[start : start + chunk_size], temperature)
-        parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if track else _head_logprobs(*args))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return _ChunkedHeadLogprobs.apply(hidden, weight, bias, targets, temperature, chunk_size)
 
 
 def ntp_loss_from_logprobs(target_logprobs: Tensor, ntp_mask: Tensor, num_tokens: float | None = None) -> Tensor:
