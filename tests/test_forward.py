@@ -132,7 +132,7 @@ def test_shared_forward_matches_plain_logprobs_and_gradients(attn):
 def test_shared_forward_without_sequences_shares_prompts(attn):
     """Old/reference log-probs and presets without NTP pass no sequences: prompts are their own trunks."""
     model = tiny_llama(attn)
-    seqs, pairs = batch()
+    _, pairs = batch()
     ref, ref_grads = logprobs_and_grads(model, forward.plain_forward_logprobs, None, pairs, chunked=False)
     out, grads = logprobs_and_grads(model, forward.shared_forward_logprobs, None, pairs)
     assert out.ntp_logprobs is None
@@ -163,7 +163,7 @@ def test_plan_puts_raw_template_prompts_on_their_sequence():
 
 
 def test_plan_without_sequences_nests_prompts():
-    seqs, pairs = batch()
+    _, pairs = batch()
     trunks = forward.plan_trunks(None, pairs[:15])
     # the longest prompt of each sequence is a trunk; the group's other responses and shorter prompts join it
     assert sorted(len(t.ids) for t in trunks) == [33, 40]

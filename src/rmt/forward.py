@@ -14,11 +14,11 @@ prefix) and causally to itself; its position ids go on from m_i. Every log-proba
 separate forward over prompt_i + response_i (SPEC section 7), and gradients flow into S once. The NTP logits over S
 are those of a plain forward of S.
 
-A prompt that does not start with at least half of a trunk's prefix (template text before ``{prefix}``, a prefix
-cut from the left because it overflowed the context, a chat template) gets its own trunk: the prompt itself, shared
-by the G responses of its group and by any shorter prompt that starts with half of it (so ``sequences=None``, as
-for old/reference log-probs or a preset without NTP, still computes each prompt once). Segments are added to a
-row while that costs less attention than a new row that repeats the trunk prefix (``_append_is_cheaper``).
+A prompt less than half of which is a prefix of any sequence (template text before ``{prefix}``, a prefix cut from
+the left because it overflowed the context, a chat template) gets its own trunk: the prompt itself, shared by the G
+responses of its group and by any shorter prompt that shares half of itself with it (so ``sequences=None``, as for
+old/reference log-probs or a preset without NTP, still computes each prompt once). Segments are added to a row
+while that costs less attention than a new row that repeats the trunk prefix (``_append_is_cheaper``).
 
 Fallbacks. The shared pass needs an attention kernel that takes a custom 4D mask with explicit position ids
 (``eager`` and ``sdpa`` in transformers 5; not flash-attention, not sliding-window models). The chunked head needs
@@ -78,7 +78,7 @@ def run_model(model, ids, attention_mask, position_ids, *, chunked: bool, keep: 
     decoder (the forward still goes through ``model``, so a DDP wrapper sees it) while the model computes logits for
     one position only. Otherwise read full logits (``keep`` > 0: only the last ``keep`` columns are computed).
     """
-    kwargs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    kwargs = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
     if not chunked:
         logits = model(**kwargs, logits_to_keep=keep).logits
         offset = ids.shape[1] - logits.shape[1]
