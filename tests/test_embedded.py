@@ -17,7 +17,6 @@ from rmt.data.embedded import (
     parse_problem,
     render_plain,
     render_think,
-    render_think_at,
     score_posttrain,
     write_corpus,
 )
@@ -27,9 +26,8 @@ SMALL = dict(base_problems=400, midtrain_problems=80, eval_problems=40, posttrai
 
 # sha256 of the files written by write_corpus(EmbeddedConfig(seed=0, **SMALL)) with reasoning-gym 0.1.25.
 # A change here means the default corpus changed: bump CORPUS_FORMAT and say so in the changelog.
-# CORPUS_FORMAT 2 (think blocks at any position) changed "base" only: the held-out splits are as in format 1.
 EXPECTED_SHA256 = {
-    "base": "e087ffb9254ab2bf9a98cc80c24256296f759c8b08d3a689c4430f63402ff3e0",
+    "base": "e28b2a030effee11c01d55efb59481e49b48f44ac01582bc54c386ed5236df6b",
     "midtrain": "16d19991a51664baf5ecb4b09dbdef46f2448c439c36116add1a2d6bf8d66c52",
     "eval": "5b79c519b2cd9d7f3a2fff5abe672223764cd473d9f4ba1b9862f2168d5b2eab",
     "posttrain": "9d230aed2547ac1cbd20a5db750ee05dc9c81d654f782bedf79aafd43bd3d6fc",
@@ -50,26 +48,6 @@ def test_render_think_and_plain():
     assert render_think(neg) == "1-5-9=<think>1-5=-4;-4-9=-13</think>-13"
     line, (a, b) = render_plain(neg)
     assert line[a:b] == "-13"
-
-
-def _strip_think(line: str) -> str:
-    a, b = line.index("<think>"), line.index("</think>") + len("</think>")
-    return line[:a] + line[b:]
-
-
-def test_render_think_at_any_position():
-    p = parse_problem(_entry("1 - 5 - 9", "-13"))  # 1-5-9=-13, the answer starts at character 6
-    steps = "<think>1-5=-4;-4-9=-13</think>"
-    assert render_think_at(p, 0) == "<think></think>1-5-9=-13"  # an operand: nothing to work out
-    assert render_think_at(p, 1) == "1<think></think>-5-9=-13"  # an operator
-    assert render_think_at(p, 5) == "1-5-9<think></think>=-13"  # the '='
-    assert render_think_at(p, 6) == f"1-5-9={steps}-13" == render_think(p)  # the answer's start
-    assert render_think_at(p, 8) == f"1-5-9=-1{steps}3"  # inside the answer
-    assert render_think_at(p, 9) == f"1-5-9=-13{steps}"  # the end of the line: the answer is complete
-    for pos in range(10):
-        assert _strip_think(render_think_at(p, pos)) == "1-5-9=-13"
-    with pytest.raises(ValueError):
-        render_think_at(p, 10)
 
 
 def test_parse_rejects_wrong_answer():
@@ -122,40 +100,9 @@ def test_document_formats():
     plain_docs = [d for d in corpus["base"] if not d["think"]]
     assert think_docs and plain_docs
     assert all(line.count("<think>") == 1 for d in think_docs for line in d["text"].split("\n"))
-    assert all(line.count("</think>") == 1 for d in think_docs for line in d["text"].split("\n"))
     assert all("<think>" not in d["text"] for d in plain_docs)
     share = len(think_docs) / len(corpus["base"])
     assert 0.3 < share < 0.7
-
-
-def test_think_blocks_go_anywhere_and_vanish_into_the_plain_line():
-    """One block per line; steps exactly when the block follows the '='; removing it gives the plain line back."""
-    corpus = build_corpus(EmbeddedConfig(seed=0, **{**SMALL, "base_problems": 4_000}))
-    where = {"answer_start": 0, "inside_answer": 0, "line_end": 0, "before_answer": 0}
-    for doc in (d for d in corpus["base"] if d["think"]):
-        lines = doc["text"].split("\n")
-        for i, line in enumerate(lines):
-            plain = _strip_think(line)
-            expr, answer = plain.split("=")
-            pos, content = line.index("<think>"), line[line.index("<think>") + 7 : line.index("</think>")]
-            problem = parse_problem(_entry(" ".join(expr.replace("+", " + ").replace("-", " - ").split()), answer))
-            if pos > len(expr):  # the prefix reached the answer: the worked steps
-                assert content == ";".join(problem.steps()), line
-                where["answer_start" if pos == len(expr) + 1 else "line_end" if pos == len(plain) else "inside_answer"] += 1
-            else:  # an operand, operator or '=' comes next: nothing to compute
-                assert content == "", line
-                where["before_answer"] += 1
-            assert pos < len(plain) or i < len(lines) - 1, "no block after the last line: EOS follows it"
-    total = sum(where.values())
-    assert all(where.values()), where
-    assert 0.5 < where["answer_start"] / total < 0.65, where  # think_at_answer=0.5, plus its share of the uniform draws
-    # think_at_answer=1 is the format-1 corpus: scratchpads after '=' only
-    legacy = build_corpus(EmbeddedConfig(seed=0, think_at_answer=1.0, **SMALL))["base"]
-    problems = iter(draw_problems(EmbeddedConfig(seed=0, **SMALL))["base"])
-    for doc in legacy:
-        for line in doc["text"].split("\n"):
-            p = next(problems)
-            assert line == (render_think(p) if doc["think"] else render_plain(p)[0])
 
 
 def test_posttrain_records_are_verifiable():

@@ -289,13 +289,6 @@ class EmbeddedConfig(Section):
     think_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Share of base pre-training documents written with <think> scratchpads (the rest plain)."
     )
-    think_at_answer: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="In a thinking base document, chance that a line's one think block opens the answer (5-1+4=<think>steps</think>8); "
-        "otherwise it goes at a uniform position of the line (1 = scratchpads only after '=', the format-1 corpus).",
-    )
     base_problems: int = Field(240_000, ge=1, description="Problems in the base pre-training split (repeats allowed: it is a stream).")
     midtrain_problems: int = Field(4_000, ge=1, description="Distinct problems in the mid-training split (plain text, JSONL with computed_spans).")
     eval_problems: int = Field(1_000, ge=1, description="Distinct problems in the evaluation split (plain text, JSONL with computed_spans).")

@@ -3,13 +3,8 @@
 There is no model hub here (SPEC section 6), so the default pipeline makes its own material:
 
 - ``base.jsonl``: base pre-training documents. Each document holds ``embedded.problems_per_doc`` problems, one per
-  line, all plain (``5-1+4=8``) or all thinking; ``embedded.think_fraction`` of the documents think. In a thinking
-  document every line holds ONE think block, at the start of the answer with probability ``embedded.think_at_answer``
-  (``5-1+4=<think>5-1=4;4+4=8</think>8``), else at a uniformly drawn position of the line, its newline included
-  (``5-<think></think>1+4=8``, ``1-5-9=-1<think>1-5=-4;-4-9=-13</think>3``). The block holds the worked steps once
-  the prefix has reached the answer (the next token follows from the computation), else nothing; removing it gives
-  the plain line back. So "think, then write the next token" is a behaviour the base model has seen at every
-  position, as RMT's rollouts ask of it. Problems may repeat: it is a stream.
+  line, all with a ``<think>`` scratchpad (``5-1+4=<think>5-1=4;4+4=8</think>8``) or all plain (``5-1+4=8``);
+  ``embedded.think_fraction`` of the documents think. Problems may repeat: it is a stream.
 - ``midtrain.jsonl`` and ``eval.jsonl``: plain documents (no think tags) with ``computed_spans``, the character
   spans ``[start, end)`` of the values each document computes (the answers), as opposed to its random operands.
 - ``posttrain.jsonl``: one problem per record, the prompt and the verifiable answer kept apart, scored with the
@@ -41,7 +36,7 @@ from rmt.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMAT = 2  # bump when the written files change for the same config (2: think blocks at any position)
+CORPUS_FORMAT = 1  # bump when the written files change for the same config
 SPLITS = ("base", "midtrain", "eval", "posttrain")
 # Share of the problem space each split may draw from (hash buckets). The held-out splits need distinct problems, so
 # their buckets are larger than their share of the data.
@@ -103,31 +98,7 @@ def render_plain(p: Problem) -> tuple[str, tuple[int, int]]:
 
 def render_think(p: Problem) -> str:
     """``5-1+4=<think>5-1=4;4+4=8</think>8``: the scratchpad in the same form as RMT's rollouts."""
-    return render_think_at(p, len(p.expression) + 1)
-
-
-def render_think_at(p: Problem, pos: int) -> str:
-    """The plain line with one think block inserted before character ``pos`` (``len(line)`` = before its newline).
-
-    The block holds the worked steps when the prefix has reached the answer (``pos`` after the ``=``: the next
-    character is one of the answer's or the end of the line, both decided by the computation), else it is empty
-    (``<think></think>``: an operand, an operator or the ``=`` cannot be worked out from the prefix). The content is
-    a function of the prefix alone, so the model never has to guess the next token in order to choose it.
-    """
-    line, (a, _) = render_plain(p)
-    if not 0 <= pos <= len(line):
-        raise ValueError(f"think position {pos} outside the line {line!r}")
-    steps = ";".join(p.steps()) if pos >= a else ""
-    return f"{line[:pos]}{THINK_OPEN}{steps}{THINK_CLOSE}{line[pos:]}"
-
-
-def think_position(rng: random.Random, p: Problem, at_answer: float, newline: bool) -> int:
-    """Where a line's think block goes: the answer's start with probability ``at_answer``, else a uniform position of
-    the line (each character, plus the line's end when a newline follows; the last line of a document has none)."""
-    line, (a, _) = render_plain(p)
-    if rng.random() < at_answer:
-        return a
-    return rng.randrange(len(line) + (1 if newline else 0))
+    return f"{p.expression}={THINK_OPEN}{';'.join(p.steps())}{THINK_CLOSE}{p.answer}"
 
 
 def _bucket(seed: int, task: str, key: str) -> str:
@@ -207,26 +178,13 @@ def plain_document(problems: list[Problem]) -> dict:
     return {"text": text, "computed_spans": spans}
 
 
-def _seeded_rng(*parts) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big"))
-
-
 def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
-    """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly.
-
-    A thinking document gives each line one think block (``render_think_at``) at a seeded position
-    (``think_position``), so that a ``<think>`` at any position of a text is in distribution for the base model.
-    """
-    rng = _seeded_rng("think", ecfg.seed)  # which documents think
-    pos_rng = _seeded_rng("think-position", ecfg.seed)  # where each line of a thinking document thinks
+    """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly."""
+    rng = random.Random(int.from_bytes(hashlib.sha256(f"think|{ecfg.seed}".encode()).digest()[:8], "big"))
     docs = []
     for group in _chunks(problems, ecfg.problems_per_doc):
         think = rng.random() < ecfg.think_fraction
-        if think:
-            last = len(group) - 1
-            lines = [render_think_at(p, think_position(pos_rng, p, ecfg.think_at_answer, i < last)) for i, p in enumerate(group)]
-        else:
-            lines = [render_plain(p)[0] for p in group]
+        lines = [render_think(p) if think else render_plain(p)[0] for p in group]
         docs.append({"text": "\n".join(lines), "think": think})
     return docs
 
