@@ -92,11 +92,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per response (default 32)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each side (default 5, quick 2)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, one per core)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: on a shared machine 2+ OpenMP threads wait on each other at every operator, "
+        "which distorts the ratios)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     prefixes = args.prefix or ([1024] if args.quick else [256, 1024])
     reps = args.reps or (2 if args.quick else 5)
 

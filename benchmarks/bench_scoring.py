@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -201,12 +202,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="least timed rounds per shape (default 5, quick 3)")
     parser.add_argument("--min-seconds", type=float, default=None, help="more rounds for fast shapes (default 10, quick 3)")
     parser.add_argument("--chunk", type=int, default=ScoringConfig().chunk_positions, help="chunk_positions for throughput")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, one per core)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: on a shared machine 2+ OpenMP threads wait on each other at every operator, "
+        "which distorts the ratios)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODE", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         mode, batch, chunk = args.memory_child
         print(json.dumps(memory_child(mode, int(batch), int(chunk))))
@@ -232,13 +236,13 @@ def main() -> None:
           f"(hidden {MEMORY_SHAPE.hidden}, {MEMORY_SHAPE.layers} layers)\n")
     print("| what | batch | chunk_positions | peak added MiB | one chunk of fp32 logits MiB | full fp32 logits MiB | peak / full logits |")
     print("|---|---|---|---|---|---|---|")
-    mem = []
     runs = [("score", b, c) for b, c in (QUICK_MEMORY_RUNS if args.quick else MEMORY_RUNS)]
     if not args.quick:
         runs.append(("bare", 1, 0))
-    for mode, batch, chunk in runs:
-        m = memory(mode, batch, chunk)
-        mem.append(m)
+    # Children run side by side, one per free core: each process has its own peak, so they do not disturb it.
+    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // torch.get_num_threads())) as pool:
+        mem = list(pool.map(lambda run: memory(*run), runs))
+    for (mode, batch, chunk), m in zip(runs, mem):
         what = "score_batch" if mode == "score" else "bare forward"
         chunk_mib = f"{m['chunk_logits_mib']:,.0f}" if mode == "score" else "-"
         print(f"| {what} | {batch} | {chunk or '-'} | {m['added_mib']:,.0f} | {chunk_mib} | {m['full_logits_mib']:,.0f} "
