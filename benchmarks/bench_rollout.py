@@ -7,10 +7,12 @@ work and differ only in the prefill. Repetitions are interleaved (A B, B A, ...)
 ratio shared / independent is the median of the per-round ratios (target >= 2x at prefix 1,024). A first round with equal seeds checks that both paths
 sample the same tokens.
 
-Random weights and tokens, no downloads. Run from the repository root:
+Random weights and tokens, no downloads. One torch thread by default (``--threads``): on a machine shared with other
+jobs, two OpenMP threads wait for each other at every operator, which slows the decode loop's many small operators
+far more than the prefill's large ones and so skews the ratio. Run from the repository root:
 
-    python benchmarks/bench_rollout.py            # about 1-2 minutes on 2 CPU cores
-    python benchmarks/bench_rollout.py --quick    # under 30 seconds
+    python benchmarks/bench_rollout.py            # about 1.5 minutes on 2 busy CPU cores
+    python benchmarks/bench_rollout.py --quick    # about 25 seconds
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def run_pair(model, prefix_len: int, prompts: int, group: int, new_tokens: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="prefix 1,024 only, 2 reps (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="prefix 1,024 only, 2 reps (about 25 s on a quiet machine)")
     parser.add_argument("--prefix", type=int, nargs="+", default=None, help="prefix lengths (default 256 1024)")
     parser.add_argument("--group", type=int, default=8, help="G, responses per prompt (default 8)")
     parser.add_argument("--prompts", type=int, default=2, help="prompts per batch (default 2)")

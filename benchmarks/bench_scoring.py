@@ -11,13 +11,15 @@ Two measurements (issue "Scale and speed"):
    (batch, chunk) runs in a fresh subprocess: the peak resident set (VmHWM) is reset after the model is built
    (``/proc/self/clear_refs``; where that is refused, it counts from process start), so the number reported is
    what one ``score_batch`` call adds on top of the model. (``ru_maxrss`` is not used: in a child it starts from
-   the parent's peak at fork time.) It is set against the size of the full fp32
-   logits, batch x 2048 x 151936 x 4 bytes, which a bare forward must hold.
+   the parent's peak at fork time.) It is set against the size of the full fp32 logits, batch x 2048 x 151936 x 4
+   bytes, which a bare forward must hold. The subprocesses run side by side, one per free core.
 
-Random weights and tokens, no downloads. Run from the repository root:
+Random weights and tokens, no downloads. One torch thread by default (``--threads``): on a machine shared with other
+jobs, two OpenMP threads wait for each other at every operator, which slows small operators far more than large
+matrix products and so skews the ratios. Run from the repository root:
 
-    python benchmarks/bench_scoring.py            # about 2-3 minutes on 2 CPU cores
-    python benchmarks/bench_scoring.py --quick    # under 30 seconds
+    python benchmarks/bench_scoring.py            # about 3 minutes on 2 busy CPU cores (--wide: +1 minute)
+    python benchmarks/bench_scoring.py --quick    # about 30 seconds
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ THROUGHPUT_SHAPES = [
 ]
 # Optional (--wide): Qwen2.5-0.5B's width and vocabulary on 2 layers, where the head outweighs the entropy more.
 WIDE_SHAPE = Shape("hidden 896, 2 layers, vocab 151,936", QWEN_VOCAB, 896, 2, 14, 4864, 2, 256)
-QUICK_SHAPES = [THROUGHPUT_SHAPES[0], Shape("same decoder, vocab 32,000", 32_000, 256, 4, 4, 688, 4, 128)]
+QUICK_SHAPES = [THROUGHPUT_SHAPES[0], Shape("same decoder, vocab 32,000", 32_000, 256, 4, 4, 688, 2, 128)]
 MEMORY_RUNS = [(1, 256), (4, 256), (1, 1024), (4, 1024)]  # (batch, chunk_positions) at 2,048 context
 QUICK_MEMORY_RUNS = [(1, 256), (2, 256)]
 MEMORY_SHAPE = Shape("tiny Llama, Qwen vocab", QWEN_VOCAB, 64, 2, 2, 172, 0, MEMORY_CONTEXT)
@@ -185,8 +187,10 @@ def memory_child(mode: str, batch: int, chunk: int) -> dict:
 
 def memory(mode: str, batch: int, chunk: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", mode, str(batch), str(chunk), "--threads", str(torch.get_num_threads())]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run {mode} batch={batch} chunk={chunk} failed:\n{proc.stderr[-2000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
     row["full_logits_mib"] = batch * MEMORY_CONTEXT * QWEN_VOCAB * 4 / MIB
     row["chunk_logits_mib"] = min(chunk, batch * MEMORY_CONTEXT) * QWEN_VOCAB * 4 / MIB if mode == "score" else None
     return row
@@ -197,10 +201,10 @@ def memory(mode: str, batch: int, chunk: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds (about 30 s on a quiet machine)")
     parser.add_argument("--wide", action="store_true", help="also time a hidden-896 model with vocab 151,936 (+1-2 min)")
     parser.add_argument("--reps", type=int, default=None, help="least timed rounds per shape (default 5, quick 3)")
-    parser.add_argument("--min-seconds", type=float, default=None, help="more rounds for fast shapes (default 10, quick 3)")
+    parser.add_argument("--min-seconds", type=float, default=None, help="more rounds for fast shapes (default 10, quick 2)")
     parser.add_argument("--chunk", type=int, default=ScoringConfig().chunk_positions, help="chunk_positions for throughput")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -217,7 +221,7 @@ def main() -> None:
         return
 
     reps = args.reps or (3 if args.quick else 5)
-    min_seconds = args.min_seconds if args.min_seconds is not None else (3.0 if args.quick else 10.0)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (2.0 if args.quick else 10.0)
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; fp32, sdpa attention; >= {reps} interleaved rounds, medians")
