@@ -50,6 +50,15 @@ def test_bad_override_syntax_and_unknown_preset():
         load_config("no-such-preset")
 
 
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
+    # `rmt demo` writes run folders named after the methods; running it again from there must still find the presets.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rpt").mkdir()
+    assert load_config("rpt").reward.match == "prefix"
+    (tmp_path / "mine").write_text("budget: {gamma: 0.5}\n")
+    assert load_config("mine").budget.gamma == 0.5  # a file of that name is still a config file
+
+
 @pytest.mark.parametrize("path", sorted(PRESET_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_loads_and_differs_from_rmt_only_where_the_method_does(path):
     cfg = load_config(str(path))

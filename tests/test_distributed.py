@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rmt.checkpoint import list_checkpoints
-from rmt.config import config_to_yaml, load_config
+from rmt.config import load_config
 from rmt.data.prepare import prepare_corpus
 from rmt.run_dir import read_metrics
 

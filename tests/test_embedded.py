@@ -25,9 +25,11 @@ from rmt.errors import DataError
 SMALL = dict(base_problems=400, midtrain_problems=80, eval_problems=40, posttrain_problems=20)
 
 # sha256 of the files written by write_corpus(EmbeddedConfig(seed=0, **SMALL)) with reasoning-gym 0.1.25.
-# A change here means the default corpus changed: bump CORPUS_FORMAT and say so in the changelog.
+# A change here means the default corpus changed: bump CORPUS_FORMAT and say so in docs/embedded.md.
+# Format 2 (empty think blocks) changed "base" only; FORMAT1_BASE is its file with embedded.empty_think=0.
+FORMAT1_BASE = "e28b2a030effee11c01d55efb59481e49b48f44ac01582bc54c386ed5236df6b"
 EXPECTED_SHA256 = {
-    "base": "e28b2a030effee11c01d55efb59481e49b48f44ac01582bc54c386ed5236df6b",
+    "base": "1fed35a95f2d9d2d8fa7d360d3ed16763069e041a6c00aa4f4ec4df496fb8042",
     "midtrain": "16d19991a51664baf5ecb4b09dbdef46f2448c439c36116add1a2d6bf8d66c52",
     "eval": "5b79c519b2cd9d7f3a2fff5abe672223764cd473d9f4ba1b9862f2168d5b2eab",
     "posttrain": "9d230aed2547ac1cbd20a5db750ee05dc9c81d654f782bedf79aafd43bd3d6fc",
@@ -50,6 +52,19 @@ def test_render_think_and_plain():
     assert line[a:b] == "-13"
 
 
+def test_render_think_with_an_empty_block():
+    p = parse_problem(_entry("1 - 5 - 9", "-13"))  # 1-5-9=-13: the answer starts at character 6
+    pad, empty = "<think>1-5=-4;-4-9=-13</think>", "<think></think>"
+    assert render_think(p, 0) == f"{empty}1-5-9={pad}-13"
+    assert render_think(p, 1) == f"1{empty}-5-9={pad}-13"
+    assert render_think(p, 5) == f"1-5-9{empty}={pad}-13"
+    assert render_think(p, 7) == f"1-5-9={pad}-{empty}13"
+    assert render_think(p, 9) == f"1-5-9={pad}-13{empty}"
+    for bad in (6, -1, 10):  # the answer's start holds the scratchpad; outside the line
+        with pytest.raises(ValueError):
+            render_think(p, bad)
+
+
 def test_parse_rejects_wrong_answer():
     with pytest.raises(DataError):
         parse_problem(_entry("5 - 1", "3"))
@@ -67,6 +82,8 @@ def test_corpus_is_deterministic_and_matches_checked_in_hashes(tmp_path):
     assert got == EXPECTED_SHA256, got
     other = write_corpus(EmbeddedConfig(seed=1, **SMALL), tmp_path / "c")
     assert other["files"]["midtrain"]["sha256"] != got["midtrain"]
+    legacy = write_corpus(EmbeddedConfig(seed=0, empty_think=0.0, **SMALL), tmp_path / "d")
+    assert legacy["files"]["base"]["sha256"] == FORMAT1_BASE
 
 
 def test_splits_are_disjoint_and_held_out_splits_have_no_repeats():
@@ -99,10 +116,38 @@ def test_document_formats():
     think_docs = [d for d in corpus["base"] if d["think"]]
     plain_docs = [d for d in corpus["base"] if not d["think"]]
     assert think_docs and plain_docs
-    assert all(line.count("<think>") == 1 for d in think_docs for line in d["text"].split("\n"))
     assert all("<think>" not in d["text"] for d in plain_docs)
     share = len(think_docs) / len(corpus["base"])
     assert 0.3 < share < 0.7
+
+
+def test_thinking_lines_hold_the_scratchpad_and_sometimes_an_empty_block():
+    """Every thinking line = its format-1 line plus at most one empty block, never at the answer's start, never
+    after the last line of a document; the share of lines with one is embedded.empty_think."""
+    cfg = EmbeddedConfig(seed=0, **{**SMALL, "base_problems": 2_000})
+    problems = iter(draw_problems(cfg)["base"])
+    with_empty = lines = 0
+    where = set()
+    for doc in build_corpus(cfg)["base"]:
+        text_lines = doc["text"].split("\n")
+        for i, line in enumerate(text_lines):
+            p = next(problems)
+            if not doc["think"]:
+                assert line == render_plain(p)[0]
+                continue
+            lines += 1
+            if "<think></think>" not in line:
+                assert line == render_think(p)
+                continue
+            with_empty += 1
+            at = line.index("<think></think>")
+            plain_at = len(line[:at].replace(render_think(p)[len(p.expression) + 1 : -len(p.answer)], ""))
+            assert line == render_think(p, plain_at)
+            assert plain_at != len(p.expression) + 1 and line.count("<think>") == 2
+            assert i < len(text_lines) - 1 or plain_at < len(render_plain(p)[0])
+            where.add("before" if plain_at <= len(p.expression) else "answer")
+    assert abs(with_empty / lines - cfg.empty_think) < 0.05, with_empty / lines
+    assert where == {"before", "answer"}
 
 
 def test_posttrain_records_are_verifiable():

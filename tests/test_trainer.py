@@ -249,3 +249,17 @@ def test_rl_raises_the_matching_reward(tmp_path, tiny_model_dir):
     last = np.mean([r["reward_match"] for r in rows[-6:]])
     assert 0.2 < first < 0.8, first  # the format is learnt; the answer is a coin flip between 7 and 8
     assert last > first + 0.15, (first, last)
+
+
+def test_resume_trims_metrics_and_samples_logged_after_the_checkpoint(tmp_path):
+    from rmt.run_dir import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": float(step)})
+        log.samples(step, [{"prompt_tail": "a", "response": "b", "reward": 0.5}, {"prompt_tail": "c", "response": "d"}])
+    log.truncate_after(2)  # the checkpoint was at step 2; step 3 will be logged again
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2]
+    assert not list(tmp_path.glob("*.tmp"))

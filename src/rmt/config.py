@@ -289,6 +289,14 @@ class EmbeddedConfig(Section):
     think_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Share of base pre-training documents written with <think> scratchpads (the rest plain)."
     )
+    empty_think: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="In a thinking base document, chance that a line also holds an empty <think></think> at a uniform position other "
+        "than its answer's start (5-<think></think>1+4=<think>5-1=4;4+4=8</think>8), so that thinking at any position, as RMT "
+        "prompts it, is in distribution: where nothing can be worked out the model closes at once. 0 = corpus format 1.",
+    )
     base_problems: int = Field(240_000, ge=1, description="Problems in the base pre-training split (repeats allowed: it is a stream).")
     midtrain_problems: int = Field(4_000, ge=1, description="Distinct problems in the mid-training split (plain text, JSONL with computed_spans).")
     eval_problems: int = Field(1_000, ge=1, description="Distinct problems in the evaluation split (plain text, JSONL with computed_spans).")
@@ -489,7 +497,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def resolve_preset(name_or_path: str) -> Path:
     """A preset name (``rmt``, ``rpt``, ...) or a path to a YAML file."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    # A file wins over a preset of the same name; a folder never does (`rmt demo` writes folders named `rmt`, `ntp`).
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         return p

@@ -38,7 +38,7 @@ from rmt.config import PromptConfig, RMTConfig
 from rmt.errors import DataError, ModelError
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
-from rmt.run_dir import MetricsLog, open_run_dir
+from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
 from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, save_final, step_generator
 from rmt.update import MicroBatch, policy_update
 from rmt.verifiers import VerifierError, call_verifier, load_verifier, posttrain_reward, reasoning_gym_entry
@@ -428,7 +428,6 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     at steps 0 and T). ``stop_at``: end after that step with a checkpoint, as an interruption would (tests,
     time-boxed jobs). Returns the run folder.
     """
-    from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -438,20 +437,13 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     name = verifier_name(cfg)
     verifier = load_verifier(name)  # a user's verifier is checked before anything heavy starts
     run_dir = Path(pcfg.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
-        project_dir=str(run_dir),
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = make_accelerator(cfg, run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     if pcfg.questions_per_step % world:
         raise DataError(f"posttrain.questions_per_step={pcfg.questions_per_step} must be divisible by the processes ({world})")
     train_qs, eval_qs = load_question_sets(cfg)
     check_verifier_data(name, train_qs)
-    if accelerator.is_main_process:
-        open_run_dir(cfg, run_dir)
-    accelerator.wait_for_everyone()
+    open_run_dir_on_main(cfg, run_dir, accelerator)
 
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)

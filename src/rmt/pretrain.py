@@ -408,21 +408,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def probe_embedded(cfg: RMTConfig, arts) -> dict:
-    """Reasoning probe of the embedded base model (post-training accuracy, mid-training values); writes probe.json."""
+    """Reasoning probe of the embedded base model; writes probe.json.
+
+    Post-training accuracy (greedy, sampled, direct), mid-training values (the start of each computed value), and
+    ``midtrain_positions``: think-then-predict at random positions of the mid-training text, as RMT prompts it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rmt.data.embedded import read_jsonl
-    from rmt.probe import ntp_accuracy, posttrain_accuracy, reasoning_advantage
+    from rmt.probe import ntp_accuracy, position_probe, posttrain_accuracy, reasoning_advantage
 
     n = cfg.pretrain.probe_problems
     model = AutoModelForCausalLM.from_pretrained(str(arts.base_model_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(arts.base_model_dir))
     posttrain = read_jsonl(arts.posttrain_path)[:n]
+    midtrain = read_jsonl(arts.midtrain_path)
     result = {
         "posttrain_reasoning": posttrain_accuracy(model, tokenizer, posttrain, mode="reasoning"),
         "posttrain_reasoning_sampled": posttrain_accuracy(model, tokenizer, posttrain, mode="reasoning", temperature=1.0),
         "posttrain_direct": posttrain_accuracy(model, tokenizer, posttrain, mode="direct"),
-        "midtrain_values": reasoning_advantage(model, tokenizer, read_jsonl(arts.midtrain_path), max_values=n),
+        "midtrain_values": reasoning_advantage(model, tokenizer, midtrain, max_values=n),
+        "midtrain_positions": position_probe(model, tokenizer, midtrain, n=n),
         "eval_ntp": ntp_accuracy(model, tokenizer, read_jsonl(arts.eval_path)),
     }
     _atomic_write_text(arts.base_model_dir / "probe.json", json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,10 @@ Two measurements (SPEC section 8), both greedy and batched:
   compare the prediction made directly (argmax after the prefix, `<think>` excluded) with the one made after thinking
   (prefix + ``<think>``, generate until ``</think>``, then the next token). Also whole values: the value's tokens
   and the token that ends it, predicted greedily.
+- ``position_probe``: the same question at random positions of the text (any token but the first), as RMT's
+  rollouts ask it: is the response well formed (``</think>`` then a token), and is the token right, directly and
+  after thinking? Split by what the next token is: part of a computed value, the end of one (the newline after an
+  answer), or anything else (operands, operators, ``=``).
 - ``ntp_accuracy``: teacher-forced loss and argmax accuracy over documents, on computed and on other tokens.
 - ``posttrain_accuracy``: on post-training records (prompt and verifiable answer apart), the answer read after
   ``</think>`` (reasoning mode) or right after the prompt (direct mode), scored by the generator's verifier.
@@ -142,6 +146,70 @@ def reasoning_advantage(
     }
 
 
+POSITION_KINDS = ("computed", "answer_end", "other")
+
+
+def position_kind(start: int, spans: list[list[int]]) -> str:
+    """What the token starting at character ``start`` is: inside a computed value, the one right after it, or other."""
+    if any(s <= start < e for s, e in spans):
+        return "computed"
+    if any(start == e for _, e in spans):
+        return "answer_end"
+    return "other"
+
+
+def position_probe(
+    model, tokenizer, docs: list[dict], n: int = 500, think_tokens: int = 64, batch_size: int = 64, seed: int = 0
+) -> dict:
+    """Think-then-predict at ``n`` random positions of ``docs`` (``{"text", "computed_spans"}``), greedy.
+
+    A position is a text token other than a document's first (the prefix holds at least one token), drawn uniformly
+    over all documents with ``seed``. Reasoning mode = RMT's raw prompt (``[bos] prefix <think>``), generate until
+    ``</think>`` (at most ``think_tokens``), then one token: well formed when ``</think>`` came and the token after it
+    is not EOS (RMT's ``first_token`` rule would find no answer otherwise). Direct = the best token other than
+    ``<think>``. Returns, for all positions and per kind (``computed``, ``answer_end``, ``other``): n, well_formed,
+    malformed, direct and reasoning accuracy (a malformed response counts as wrong), mean and empty-think share.
+    """
+    open_id, _, pad = _special_ids(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    encoded = []
+    for doc in docs:
+        enc = tokenizer(doc["text"], add_special_tokens=False, return_offsets_mapping=True)
+        encoded.append((enc["input_ids"], enc["offset_mapping"]))
+    sites = [(d, k) for d, (ids, _) in enumerate(encoded) for k in range(1, len(ids))]
+    if len(sites) > n:
+        sites = sorted(random.Random(seed).sample(sites, n))
+    if not sites:
+        return {"n": 0}
+    prompts = [bos + encoded[d][0][:k] for d, k in sites]
+    targets = [encoded[d][0][k] for d, k in sites]
+    kinds = [position_kind(encoded[d][1][k][0], docs[d].get("computed_spans", [])) for d, k in sites]
+    direct = generate_ids(model, prompts, 1, [], pad, batch_size, suppress=[open_id])
+    thoughts, answers = think_then_answer(model, tokenizer, [p + [open_id] for p in prompts], 1, think_tokens, batch_size)
+    formed = [a is not None and len(a) > 0 and a[0] != eos for a in answers]
+
+    def summary(sel: list[int]) -> dict:
+        m = len(sel)
+        if not m:
+            return {"n": 0}
+        return {
+            "n": m,
+            "well_formed": sum(formed[i] for i in sel) / m,
+            "malformed": 1 - sum(formed[i] for i in sel) / m,
+            "direct_accuracy": sum(direct[i][:1] == [targets[i]] for i in sel) / m,
+            "reasoning_accuracy": sum(formed[i] and answers[i][0] == targets[i] for i in sel) / m,
+            "mean_think_tokens": sum(len(thoughts[i]) for i in sel) / m,
+            "empty_think": sum(formed[i] and not thoughts[i] for i in sel) / m,
+        }
+
+    out = {"all": summary(list(range(len(sites))))}
+    for kind in POSITION_KINDS:
+        out[kind] = summary([i for i, k in enumerate(kinds) if k == kind])
+    out["not_computed"] = summary([i for i, k in enumerate(kinds) if k != "computed"])
+    return out
+
+
 @torch.no_grad()
 def ntp_accuracy(model, tokenizer, docs: list[dict], batch_size: int = 32) -> dict:
     """Teacher-forced next-token loss and argmax accuracy over ``[bos] text [eos]`` of each document.
@@ -231,3 +299,25 @@ def posttrain_accuracy(
         "malformed": sum(a is None for a in answers) / n,
         "mean_think_tokens": sum(len(t) for t in thoughts) / n,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rmt.probe MODEL_DIR CORPUS.jsonl [N]``: the position probe of any model on a corpus, as JSON."""
+    import json
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rmt.data.embedded import read_jsonl
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (2, 3):
+        raise SystemExit("usage: python -m rmt.probe MODEL_DIR CORPUS.jsonl [N]")
+    model = AutoModelForCausalLM.from_pretrained(args[0], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args[0])
+    result = position_probe(model, tokenizer, read_jsonl(args[1]), n=int(args[2]) if len(args) == 3 else 500)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

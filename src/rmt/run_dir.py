@@ -30,6 +30,26 @@ def _diff(a: dict, b: dict, prefix=()) -> list[tuple]:
     return out
 
 
+def make_accelerator(cfg: RMTConfig, run_dir: Path):
+    """The Accelerator of `rmt train` and `rmt posttrain`: mixed precision, tracker and device from the config."""
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
+        project_dir=str(run_dir),
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def open_run_dir_on_main(cfg: RMTConfig, run_dir: Path, accelerator) -> None:
+    """``open_run_dir`` on the main process; every process waits until the folder is ready."""
+    if accelerator.is_main_process:
+        open_run_dir(cfg, run_dir)
+    accelerator.wait_for_everyone()
+
+
 def open_run_dir(cfg: RMTConfig, run_dir: Path) -> None:
     """Create ``run_dir`` or check that the existing one belongs to this config.
 
@@ -72,11 +92,15 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file has each step once."""
-        if not self.enabled or not self.path.exists():
+        """On resume, drop lines logged after the checkpoint (metrics and samples) so each step appears once."""
+        if not self.enabled:
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        for path in (self.path, self.samples_path):
+            if path.exists():
+                lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in lines))
+                tmp.replace(path)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -28,7 +28,7 @@ from rmt import losses, rollout_batch, schedules
 from rmt.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint
 from rmt.config import RMTConfig
 from rmt.errors import CheckpointError, DataError
-from rmt.run_dir import MetricsLog, open_run_dir
+from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
 from rmt.update import MicroBatch, policy_update
 
 log = logging.getLogger(__name__)
@@ -103,28 +103,20 @@ class _StopFlag:
 
 def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     """Train according to ``cfg``; resumes from the newest checkpoint of ``output.dir``. Returns the run folder."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, resolve_model_path, resolve_tokenizer_path
     from rmt.scoring import load_scored
 
     run_dir = Path(cfg.output.dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.train.tracker == "none" else cfg.train.tracker,
-        project_dir=str(run_dir),
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = make_accelerator(cfg, run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.train.sequences_per_step % (world * cfg.train.grad_accum):
         raise DataError(
             f"train.sequences_per_step={cfg.train.sequences_per_step} must be divisible by processes ({world}) x "
             f"train.grad_accum ({cfg.train.grad_accum})"
         )
-    if accelerator.is_main_process:
-        open_run_dir(cfg, run_dir)
-    accelerator.wait_for_everyone()
+    open_run_dir_on_main(cfg, run_dir, accelerator)
 
     data = load_scored(cfg.data.prepared_dir, "train")
     if len(data) == 0:

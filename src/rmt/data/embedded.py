@@ -4,7 +4,10 @@ There is no model hub here (SPEC section 6), so the default pipeline makes its o
 
 - ``base.jsonl``: base pre-training documents. Each document holds ``embedded.problems_per_doc`` problems, one per
   line, all with a ``<think>`` scratchpad (``5-1+4=<think>5-1=4;4+4=8</think>8``) or all plain (``5-1+4=8``);
-  ``embedded.think_fraction`` of the documents think. Problems may repeat: it is a stream.
+  ``embedded.think_fraction`` of the documents think. In a thinking document, ``embedded.empty_think`` of the lines
+  also hold an empty block at another position (``5-<think></think>1+4=<think>5-1=4;4+4=8</think>8``): RMT prompts
+  ``<think>`` at any position, and where nothing can be worked out the model should close at once and predict.
+  Problems may repeat: it is a stream.
 - ``midtrain.jsonl`` and ``eval.jsonl``: plain documents (no think tags) with ``computed_spans``, the character
   spans ``[start, end)`` of the values each document computes (the answers), as opposed to its random operands.
 - ``posttrain.jsonl``: one problem per record, the prompt and the verifiable answer kept apart, scored with the
@@ -36,7 +39,7 @@ from rmt.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMAT = 1  # bump when the written files change for the same config
+CORPUS_FORMAT = 2  # bump when the written files change for the same config (2: empty think blocks, embedded.empty_think)
 SPLITS = ("base", "midtrain", "eval", "posttrain")
 # Share of the problem space each split may draw from (hash buckets). The held-out splits need distinct problems, so
 # their buckets are larger than their share of the data.
@@ -96,9 +99,31 @@ def render_plain(p: Problem) -> tuple[str, tuple[int, int]]:
     return line, (len(line) - len(p.answer), len(line))
 
 
-def render_think(p: Problem) -> str:
-    """``5-1+4=<think>5-1=4;4+4=8</think>8``: the scratchpad in the same form as RMT's rollouts."""
-    return f"{p.expression}={THINK_OPEN}{';'.join(p.steps())}{THINK_CLOSE}{p.answer}"
+def render_think(p: Problem, empty_at: int | None = None) -> str:
+    """``5-1+4=<think>5-1=4;4+4=8</think>8``: the scratchpad in the same form as RMT's rollouts.
+
+    ``empty_at``: also an empty ``<think></think>`` before character ``empty_at`` of the plain line (``len(line)`` =
+    at its end, before the newline); any position but the answer's start, where the scratchpad is.
+    """
+    line, (a, _) = render_plain(p)
+    pieces = [line[:a], f"{THINK_OPEN}{';'.join(p.steps())}{THINK_CLOSE}", line[a:]]
+    if empty_at is not None:
+        if not 0 <= empty_at <= len(line) or empty_at == a:
+            raise ValueError(f"empty think position {empty_at} is outside {line!r} or at its answer's start")
+        empty = THINK_OPEN + THINK_CLOSE
+        if empty_at < a:
+            pieces[0] = line[:empty_at] + empty + line[empty_at:a]
+        else:
+            pieces[2] = line[a:empty_at] + empty + line[empty_at:]
+    return "".join(pieces)
+
+
+def empty_think_position(rng: random.Random, p: Problem, newline: bool) -> int:
+    """A uniform position of the plain line other than its answer's start; its end only when a newline follows
+    (the last line of a document is followed by EOS, never an RL target)."""
+    line, (a, _) = render_plain(p)
+    slots = [i for i in range(len(line) + (1 if newline else 0)) if i != a]
+    return rng.choice(slots)
 
 
 def _bucket(seed: int, task: str, key: str) -> str:
@@ -179,12 +204,24 @@ def plain_document(problems: list[Problem]) -> dict:
 
 
 def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
-    """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly."""
+    """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly.
+
+    Lines of thinking documents also get an empty think block with probability ``embedded.empty_think`` (seeded
+    apart, so ``empty_think=0`` writes the format-1 corpus byte for byte).
+    """
     rng = random.Random(int.from_bytes(hashlib.sha256(f"think|{ecfg.seed}".encode()).digest()[:8], "big"))
+    empty_rng = random.Random(int.from_bytes(hashlib.sha256(f"empty-think|{ecfg.seed}".encode()).digest()[:8], "big"))
     docs = []
     for group in _chunks(problems, ecfg.problems_per_doc):
         think = rng.random() < ecfg.think_fraction
-        lines = [render_think(p) if think else render_plain(p)[0] for p in group]
+        if think:
+            lines = []
+            for i, p in enumerate(group):
+                empty = ecfg.empty_think > 0 and empty_rng.random() < ecfg.empty_think
+                at = empty_think_position(empty_rng, p, newline=i < len(group) - 1) if empty else None
+                lines.append(render_think(p, at))
+        else:
+            lines = [render_plain(p)[0] for p in group]
         docs.append({"text": "\n".join(lines), "think": think})
     return docs
 
