@@ -13,15 +13,16 @@
    accuracy on held-out questions of each task before and after, with 95% Wilson intervals, scored with the
    ``exact`` verifier.
 
-Sizes: ``presets/demo/paper.yaml`` (the demo's scale with 8 sequences per step and 200 eval positions per tier),
-``--steps`` and ``--posttrain-steps`` on top; ``--quick`` is a minutes-long smoke version of the same pipeline.
+Sizes: ``presets/demo/paper.yaml`` (100 mid-training steps x 8 sequences, 200 eval positions per tier, 100
+post-training steps, lr 1e-5), ``--steps`` and ``--posttrain-steps`` on top; ``--quick`` is a minute-long smoke
+version of the same pipeline. The full run with ``--seeds 0 1`` took 30 minutes on 2 idle CPU cores.
 ``--threads``: torch threads. On a CPU shared with other jobs use 1: two threads that compete for two busy cores
 were measured 5-10x slower than one.
 Every stage reuses what a previous call finished (training and post-training resume from their run folders,
 evaluations are cached as JSON), so a stopped run goes on where it stopped when called again with the same arguments.
 
     python benchmarks/paper_tables.py --quick
-    python benchmarks/paper_tables.py --out runs/paper --seeds 0 1 --steps 60
+    python benchmarks/paper_tables.py --out runs/paper --seeds 0 1         # docs/results.md
     python benchmarks/paper_tables.py ... --embedded-entry $RMT_CACHE/embedded/<key>   # an existing cache entry
 
 Outputs in ``--out``: ``results.json`` (everything, per seed) and ``results.md`` (the tables).
