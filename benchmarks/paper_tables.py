@@ -374,7 +374,8 @@ def write_markdown(args, results: dict) -> str:
         f"eval positions per tier: " + ", ".join(f"{t} {n[t]}" for t in TIERS) + f"; reasoning-mode cap {s['eval_cap']} tokens, greedy.",
         f"Base model: `{results['base']['model']}` (embedded corpus format {results['base']['manifest'].get('format', 1)}, "
         f"reasoning-gym {results['base']['manifest'].get('reasoning_gym', '?')}).",
-        f"Wall time: {results['wall_s'] / 60:.1f} min with {s['machine']['threads']} torch thread(s) "
+        f"Wall time: {results['wall_s'] / 60:.1f} min in this call, {results['wall_s_total'] / 60:.1f} min over "
+        f"{results['calls']} call(s) into this folder, with {s['machine']['threads']} torch thread(s) "
         f"(load average at start {results['loadavg_start']}).", "",
         f"## Main table: next-token accuracy (%) by tier ({ci})", "", main_table(args, evals), "",
         "Average = mean of the three tiers. Think len = mean tokens inside <think></think> on the eval positions; "
@@ -440,8 +441,15 @@ def main(argv=None) -> dict:
         "train": {}, "eval": {}, "posttrain": {},
     }
 
+    # A stopped run goes on where it stopped; its earlier calls' time counts towards the total.
+    previous = args.out / "results.json"
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    earlier_s = float(earlier.get("wall_s_total", earlier.get("wall_s", 0.0)))
+    results["calls"] = int(earlier.get("calls", 1 if earlier else 0)) + 1
+
     def save() -> None:
         results["wall_s"] = time.perf_counter() - T0
+        results["wall_s_total"] = earlier_s + results["wall_s"]
         (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         if results["eval"]:
             (args.out / "results.md").write_text(write_markdown(args, results) + "\n")
