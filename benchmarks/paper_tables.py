@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every stage (e.g. train.lr=5e-5)")
     args = p.parse_args(argv)
+    if args.baseline.split("/")[0] not in ("ntr", "base", *args.methods):
+        p.error(f"--baseline {args.baseline!r} is not a row of this run: use ntr, base/ntp or one of --methods {args.methods}")
     size = QUICK if args.quick else {}
     args.out = Path(args.out or ("runs/paper-quick" if args.quick else "runs/paper"))
     args.steps = args.steps or size.get("steps")
@@ -237,13 +239,14 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
         wall = time.perf_counter() - t0
         row = {"path": path, "steps": cfg.posttrain.steps, "train_s": train_summary(folder / start)["train_s"]}
         for when, model_path in (("before", path), ("after", str(folder / start / "final"))):
-            for name, records in sets.items():
-                key = f"{start}|{when}|{name}"
-                if key not in cache:
-                    tok, model = load_tokenizer(model_path), load_model(model_path, cfg)
-                    cache[key] = evaluate_questions(model, tok, records, cfg)
+            missing = [name for name in sets if f"{start}|{when}|{name}" not in cache]
+            if missing:
+                tok, model = load_tokenizer(model_path), load_model(model_path, cfg)
+                for name in missing:
+                    cache[f"{start}|{when}|{name}"] = evaluate_questions(model, tok, sets[name], cfg)
                     cache_path.write_text(json.dumps(cache, indent=2))
-                row[f"{name}_{when}"] = cache[key]
+            for name in sets:
+                row[f"{name}_{when}"] = cache[f"{start}|{when}|{name}"]
         log.info("post-training from %s: %.0f s", start, wall)
         out[start] = row
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -15,6 +16,17 @@ TINY_TEXT = [
     "Mid-training uses raw text: every token is a target. Ünïcödé ok — 日本語 too.",
     "Numbers like 1234 and 98765 are split into single digits.",
 ]
+
+
+# A small raw-text corpus for training and scoring tests: varied lengths, numbers, repeated phrases.
+CORPUS_TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran far away. " * (1 + i % 3) for i in range(40)]
+
+
+def text_corpus(root, model_dir, texts=CORPUS_TEXTS, seq_len: int = 32) -> list[str]:
+    """Write ``texts`` to ``root/c.jsonl``; the overrides that point a config at it, the model and ``root/prep``."""
+    src = root / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return [f"model.path={model_dir}", f"data.path={src}", f"data.prepared_dir={root / 'prep'}", f"data.seq_len={seq_len}"]
 
 
 def build_tiny_tokenizer(path, texts=TINY_TEXT, vocab_size=300):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import text_corpus
 from safetensors.torch import load_file
 
 from rmt.checkpoint import list_checkpoints
@@ -17,7 +18,6 @@ from rmt.data.prepare import prepare_corpus
 from rmt.run_dir import read_metrics
 
 pytestmark = pytest.mark.slow
-TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran far away. " * (1 + i % 3) for i in range(40)]
 
 
 def free_port() -> int:
@@ -40,10 +40,7 @@ def launch(nproc: int, *args: str) -> None:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("dist")
-    src = root / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    base = [f"model.path={tiny_model_dir}", f"data.path={src}", f"data.prepared_dir={root / 'prep'}", "data.seq_len=32",
-            "scoring.tier_rule=quantile", "scoring.shard_sequences=10"]
+    base = [*text_corpus(root, tiny_model_dir), "scoring.tier_rule=quantile", "scoring.shard_sequences=10"]
     prepare_corpus(load_config(None, base))
     return base, root
 

@@ -195,7 +195,7 @@ def test_position_kind():
     ]
 
 
-def test_probes_run_on_a_tiny_model(math_corpus, tmp_path):
+def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rmt.probe import POSITION_KINDS, ntp_accuracy, position_probe, posttrain_accuracy, reasoning_advantage
@@ -219,6 +219,16 @@ def test_probes_run_on_a_tiny_model(math_corpus, tmp_path):
         assert part["well_formed"] + part["malformed"] == pytest.approx(1.0) and part["mean_think_tokens"] <= 8
         assert all(0 <= part[k] <= 1 for k in ("direct_accuracy", "reasoning_accuracy", "empty_think"))
     assert position_probe(model, tok, corpus["midtrain"], n=24, think_tokens=8) == pos  # greedy and seeded
+    # `python -m rmt.probe MODEL CORPUS N`: the same probe (64 think tokens) as JSON on stdout
+    from rmt.probe import main as probe_main
+
+    docs = tmp_path / "midtrain.jsonl"
+    docs.write_text("".join(json.dumps(d) + "\n" for d in corpus["midtrain"]))
+    probe_main([str(out), str(docs), "24"])
+    f32 = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(position_probe(f32, tok, corpus["midtrain"], n=24)))
+    with pytest.raises(SystemExit, match="usage"):
+        probe_main([str(out)])
     ntp = ntp_accuracy(model, tok, corpus["eval"])
     n_computed = sum(b - a for d in corpus["eval"] for a, b in d["computed_spans"])  # one token per character here
     assert ntp["tokens"] == sum(len(d["text"]) + 1 for d in corpus["eval"]) and n_computed > 0

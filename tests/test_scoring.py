@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import text_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,15 +28,12 @@ TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran. " * (1 
 
 @pytest.fixture
 def prepared(tmp_path, tiny_model_dir):
-    src = tmp_path / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    base = text_corpus(tmp_path, tiny_model_dir, TEXTS, seq_len=24)
 
     def make(*extra):
         cfg = load_config(
             None,
-            [f"model.path={tiny_model_dir}", f"data.path={src}", f"data.prepared_dir={tmp_path / 'prep'}",
-             "data.seq_len=24", "data.eval_fraction=0.2", "scoring.shard_sequences=7", "scoring.batch_size=3",
-             "scoring.chunk_positions=5", *extra],
+            [*base, "data.eval_fraction=0.2", "scoring.shard_sequences=7", "scoring.batch_size=3", "scoring.chunk_positions=5", *extra],
         )
         prepare_corpus(cfg)
         return cfg

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import text_corpus
 from safetensors.torch import load_file
 
 import rmt.trainer as trainer
@@ -19,16 +20,10 @@ from rmt.run_dir import read_metrics
 from rmt.scoring import score_corpus
 from rmt.tiers import NTP_ONLY
 
-TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran far away. " * (1 + i % 3) for i in range(40)]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    base = [f"model.path={tiny_model_dir}", f"data.path={src}", f"data.prepared_dir={root / 'prep'}", "data.seq_len=32",
-            "scoring.tier_rule=quantile"]
+    base = [*text_corpus(tmp_path_factory.mktemp("corpus"), tiny_model_dir), "scoring.tier_rule=quantile"]
     cfg = load_config(None, base)
     prepare_corpus(cfg)
     score_corpus(cfg)

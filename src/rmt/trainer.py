@@ -224,14 +224,14 @@ def reduce_metrics(metrics: dict, accelerator) -> dict:
     return out
 
 
-def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, keep_last: int | None = None) -> None:
+def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator) -> None:
     """Checkpoint from the main process; the full weights are gathered on every process first (FSDP shards them)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_checkpoint(
             run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-            {"preset": cfg.preset}, keep_last or cfg.train.keep_last, state_dict=state_dict,
+            {"preset": cfg.preset}, cfg.train.keep_last, state_dict=state_dict,
         )
     accelerator.wait_for_everyone()
 

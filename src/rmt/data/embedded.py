@@ -203,23 +203,26 @@ def plain_document(problems: list[Problem]) -> dict:
     return {"text": text, "computed_spans": spans}
 
 
+def _seeded_rng(name: str, seed: int) -> random.Random:
+    """A generator of its own per purpose and seed, so one purpose's draws never shift another's."""
+    return random.Random(int.from_bytes(hashlib.sha256(f"{name}|{seed}".encode()).digest()[:8], "big"))
+
+
 def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
     """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly.
 
     Lines of thinking documents also get an empty think block with probability ``embedded.empty_think`` (seeded
     apart, so ``empty_think=0`` writes the format-1 corpus byte for byte).
     """
-    rng = random.Random(int.from_bytes(hashlib.sha256(f"think|{ecfg.seed}".encode()).digest()[:8], "big"))
-    empty_rng = random.Random(int.from_bytes(hashlib.sha256(f"empty-think|{ecfg.seed}".encode()).digest()[:8], "big"))
+    rng, empty_rng = _seeded_rng("think", ecfg.seed), _seeded_rng("empty-think", ecfg.seed)
     docs = []
     for group in _chunks(problems, ecfg.problems_per_doc):
         think = rng.random() < ecfg.think_fraction
         if think:
             lines = []
             for i, p in enumerate(group):
-                empty = ecfg.empty_think > 0 and empty_rng.random() < ecfg.empty_think
-                at = empty_think_position(empty_rng, p, newline=i < len(group) - 1) if empty else None
-                lines.append(render_think(p, at))
+                empty = empty_rng.random() < ecfg.empty_think
+                lines.append(render_think(p, empty_think_position(empty_rng, p, newline=i < len(group) - 1) if empty else None))
         else:
             lines = [render_plain(p)[0] for p in group]
         docs.append({"text": "\n".join(lines), "think": think})
