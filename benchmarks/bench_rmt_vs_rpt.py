@@ -29,7 +29,7 @@ import torch
 
 def embedded_ready() -> bool:
     from rmt.config import load_config
-    from rmt.data.embedded import embedded_paths
+    from rmt.embedded import embedded_paths
 
     return embedded_paths(load_config()).base_model_dir.is_dir()
 

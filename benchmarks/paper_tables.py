@@ -117,7 +117,7 @@ def resolve_base(args) -> dict:
         base = {"model": str(bases[0]), **{s: str(corpus / f"{s}.jsonl") for s in ("midtrain", "eval", "posttrain")}}
         base["manifest"] = json.loads((corpus / "manifest.json").read_text())
     else:
-        from rmt.data.embedded import ensure_embedded
+        from rmt.embedded import ensure_embedded
 
         arts = ensure_embedded(load_config("rmt", list(args.overrides), layers=LAYERS))
         base = {"model": str(arts.base_model_dir), "midtrain": str(arts.midtrain_path), "eval": str(arts.eval_path),

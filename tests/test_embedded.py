@@ -8,12 +8,12 @@ import json
 import pytest
 
 from rmt.config import EmbeddedConfig, load_config
-from rmt.data import embedded
-from rmt.data.embedded import (
+from rmt.embedded import corpus as embedded
+from rmt.embedded import embedded_paths, ensure_embedded
+from rmt.embedded.corpus import (
     Problem,
     build_corpus,
     draw_problems,
-    ensure_embedded,
     parse_problem,
     render_plain,
     render_think,
@@ -186,7 +186,7 @@ def test_ensure_embedded_builds_once_and_honours_rmt_cache(tmp_path, monkeypatch
     assert {p: p.stat().st_mtime_ns for p in arts.root.rglob("*") if p.is_file()} == first
     # another seed is another cache entry; the cache key ignores where the cache is
     other = load_config(None, [f"embedded.{k}={v}" for k, v in SMALL.items()] + ["embedded.seed=5"])
-    assert embedded.embedded_paths(other).root != arts.root
+    assert embedded_paths(other).root != arts.root
 
 
 def test_corpus_hash_of_file_matches_manifest(tmp_path):

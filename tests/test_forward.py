@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rmt import forward, losses, rollout_batch
+from rmt import forward, losses
 
 THINK = 96  # stands for the template's "<think>" token
 
@@ -183,13 +183,13 @@ def test_rows_split_when_appending_costs_more_than_a_new_row():
 # --- dispatch ------------------------------------------------------------------------------------------------
 
 
-def test_rollout_batch_forward_logprobs_uses_the_shared_path(monkeypatch):
+def test_forward_logprobs_uses_the_shared_path(monkeypatch):
     model = tiny_llama("sdpa")
     seqs, pairs = batch()
     calls = []
     real = forward.shared_forward_logprobs
     monkeypatch.setattr(forward, "shared_forward_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = rollout_batch.forward_logprobs(model, seqs, pairs, 0.7, 0)
+    out = forward.forward_logprobs(model, seqs, pairs, 0.7, 0)
     assert calls and forward.fast_paths(model) == forward.FastPaths(chunked=True, shared=True)
     assert_same(out, forward.plain_forward_logprobs(model, seqs, pairs, 0.7, chunked=False))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rmt.config import EmbeddedConfig, load_config
-from rmt.data.embedded import build_corpus
+from rmt.embedded.corpus import build_corpus
 from rmt.errors import CheckpointError, DataError
 from rmt.pretrain import batch_rows, is_complete, lr_factor, pack_rows, split_documents, train_base_model
 
@@ -160,7 +160,7 @@ def test_cli_pretrain_on_a_corpus_and_a_clear_error(math_corpus, tmp_path):
 @pytest.mark.slow
 def test_embedded_recipe_reasons_better_than_it_predicts(tmp_path, monkeypatch):
     """The default recipe (about 7 minutes on 2 CPU cores): thinking must beat direct prediction (SPEC section 8)."""
-    from rmt.data.embedded import ensure_embedded
+    from rmt.embedded import ensure_embedded
 
     monkeypatch.setenv("RMT_CACHE", os.environ.get("RMT_TEST_CACHE", str(tmp_path / "cache")))
     cfg = load_config(None, [])
@@ -187,7 +187,7 @@ def test_embedded_recipe_reasons_better_than_it_predicts(tmp_path, monkeypatch):
 
 
 def test_position_kind():
-    from rmt.probe import position_kind
+    from rmt.embedded.probe import position_kind
 
     spans = [[6, 9], [16, 17]]  # "1-5-9=-13\n2+2-1=3"
     assert [position_kind(c, spans) for c in (0, 5, 6, 8, 9, 10, 16, 17)] == [
@@ -198,7 +198,7 @@ def test_position_kind():
 def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rmt.probe import POSITION_KINDS, ntp_accuracy, position_probe, posttrain_accuracy, reasoning_advantage
+    from rmt.embedded.probe import POSITION_KINDS, ntp_accuracy, position_probe, posttrain_accuracy, reasoning_advantage
 
     out = tmp_path / "base"
     train_base_model(tiny_cfg("pretrain.steps=5"), math_corpus, out, progress=False)
@@ -219,8 +219,8 @@ def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
         assert part["well_formed"] + part["malformed"] == pytest.approx(1.0) and part["mean_think_tokens"] <= 8
         assert all(0 <= part[k] <= 1 for k in ("direct_accuracy", "reasoning_accuracy", "empty_think"))
     assert position_probe(model, tok, corpus["midtrain"], n=24, think_tokens=8) == pos  # greedy and seeded
-    # `python -m rmt.probe MODEL CORPUS N`: the same probe (64 think tokens) as JSON on stdout
-    from rmt.probe import main as probe_main
+    # `python -m rmt.embedded.probe MODEL CORPUS N`: the same probe (64 think tokens) as JSON on stdout
+    from rmt.embedded.probe import main as probe_main
 
     docs = tmp_path / "midtrain.jsonl"
     docs.write_text("".join(json.dumps(d) + "\n" for d in corpus["midtrain"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rmt.config import EmbeddedConfig
-from rmt.data.embedded import build_corpus
+from rmt.embedded.corpus import build_corpus
 from rmt.data.tokenizer import train_tokenizer
 from rmt.errors import DataError
 

@@ -68,7 +68,7 @@ def test_budget_and_curriculum_follow_the_schedule(corpus, tmp_path):
 def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rmt import rollout_batch
+    from rmt import collect
     from rmt.scoring import load_scored
 
     cfg = load_config("rmt", [*corpus, "rollout.group_size=2", "budget.b0=2", "curriculum.positions_per_sequence=3"])
@@ -76,9 +76,9 @@ def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
     batch = trainer.Batch(data["input_ids"], data["tier"], data["computed"])
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    engine = rollout_batch.make_engine(cfg, model, tok)
-    selection = rollout_batch.select_positions(cfg, batch.tiers, (1 / 3, 1 / 3, 1 / 3), torch.Generator().manual_seed(0))
-    rl = rollout_batch.collect(cfg, batch, 2, selection, engine, tok, sample_generator=torch.Generator().manual_seed(1))
+    engine = collect.make_engine(cfg, model, tok)
+    selection = collect.select_positions(cfg, batch.tiers, (1 / 3, 1 / 3, 1 / 3), torch.Generator().manual_seed(0))
+    rl = collect.collect(cfg, batch, 2, selection, engine, tok, sample_generator=torch.Generator().manual_seed(1))
     chosen = set(rl.selection.positions)
     assert chosen and all(batch.tiers[b][p] != NTP_ONLY for b, p in chosen)
     for b, ids in enumerate(batch.input_ids):
@@ -89,13 +89,13 @@ def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
 
 
 def test_two_process_selection_partitions_the_global_draw(corpus):
-    from rmt import rollout_batch
+    from rmt import collect
     from rmt.scoring import load_scored
 
     cfg = load_config("rmt", [*corpus, "curriculum.positions_per_sequence=2"])
     tiers = load_scored(cfg.data.prepared_dir, "train").select(range(6))["tier"]
-    full = rollout_batch.select_positions(cfg, tiers, (0.2, 0.3, 0.5), torch.Generator().manual_seed(3))
-    parts = [rollout_batch.select_positions(cfg, tiers, (0.2, 0.3, 0.5), torch.Generator().manual_seed(3), r, 2) for r in (0, 1)]
+    full = collect.select_positions(cfg, tiers, (0.2, 0.3, 0.5), torch.Generator().manual_seed(3))
+    parts = [collect.select_positions(cfg, tiers, (0.2, 0.3, 0.5), torch.Generator().manual_seed(3), r, 2) for r in (0, 1)]
     back = sorted((b * 2 + r, pos) for r, part in enumerate(parts) for b, pos in part.positions)
     assert back == full.positions
     for r, part in enumerate(parts):

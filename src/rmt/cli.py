@@ -105,10 +105,14 @@ def pretrain(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] =
     """Train a small Llama from scratch: the embedded default's base model, or one on pretrain.corpus (resumable)."""
     import json
 
-    from rmt.pretrain import pretrain as pretrain_stage
+    from rmt.embedded import base_model_summary
+    from rmt.pretrain import train_base_model
 
     cfg = _config(config, overrides)
-    summary = _run(pretrain_stage, cfg)
+    if cfg.pretrain.corpus is None:
+        summary = _run(base_model_summary, cfg)
+    else:
+        summary = {"output_dir": cfg.pretrain.output_dir, **_run(train_base_model, cfg, cfg.pretrain.corpus, cfg.pretrain.output_dir)}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
 
 

@@ -37,7 +37,7 @@ def demo_config(method: str, size: str, out: Path, overrides: list[str]) -> RMTC
 def run_demo(size: str = "default", out: str | Path = "runs/demo", methods=DEFAULT_METHODS,
              overrides: list[str] | None = None, console: Console | None = None) -> dict:
     """Run every stage; returns the evaluation dict (also written to ``out/eval.json``)."""
-    from rmt.data.embedded import ensure_embedded
+    from rmt.embedded import ensure_embedded
     from rmt.data.prepare import prepare_corpus
     from rmt.evaluate import evaluate
     from rmt.report import write_report

@@ -301,7 +301,7 @@ def ntp_outcomes(preds: Sequence[int], items: Sequence[EvalItem]) -> list[Outcom
 def score_responses(responses, seq: Sequence[int], pos: int, tokenizer, cfg: RMTConfig) -> tuple[Outcome, list]:
     """Parse a position's responses and score each with exact match and with RPT's prefix match."""
     from rmt import prompts, rewards
-    from rmt.rollout_batch import PREFIX_CONTINUATION
+    from rmt.collect import PREFIX_CONTINUATION
 
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
     # The same truths as the trainer's rewards: the next token alone (exact), the next tokens (prefix).
@@ -341,7 +341,7 @@ def reasoning_outcomes(cfg: RMTConfig, engine, tokenizer, sequences, items: Sequ
     """
     from rmt import schedules
     from rmt.rollout import StopRule
-    from rmt.rollout_batch import build_prompts, stop_rule
+    from rmt.collect import build_prompts, stop_rule
 
     for marker in (cfg.prompt.think_open, cfg.prompt.think_close):
         if len(tokenizer.encode(marker, add_special_tokens=False)) != 1:
@@ -535,7 +535,7 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, str]:
 
 def default_models(cfg: RMTConfig) -> dict[str, str]:
     """No --model: the base model, and this config's trained run (``output.dir/final``) when it exists."""
-    from rmt.modeling import resolve_model_path
+    from rmt.embedded import resolve_model_path
 
     models = {"base": resolve_model_path(cfg)}
     final = Path(cfg.output.dir) / "final"
@@ -553,7 +553,8 @@ def _model_folder(path: str) -> str:
 
 
 def _load(name: str, path: str, cfg: RMTConfig, device, fingerprint: str):
-    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, resolve_tokenizer_path, tokenizer_fingerprint
+    from rmt.embedded import resolve_tokenizer_path
+    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, tokenizer_fingerprint
 
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
@@ -571,7 +572,7 @@ def evaluate_model(cfg: RMTConfig, name: str, model, tokenizer, eval_set: dict, 
     """One row of the table: ``model`` evaluated in ``mode`` on the evaluation set (rows of ``sequences``)."""
     from tqdm.auto import tqdm
 
-    from rmt.rollout_batch import context_length, make_engine
+    from rmt.collect import context_length, make_engine
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

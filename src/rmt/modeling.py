@@ -18,19 +18,6 @@ from rmt.errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(cfg: RMTConfig) -> str:
-    """The policy model's path; None in the config means the embedded default's base model."""
-    if cfg.model.path is not None:
-        return cfg.model.path
-    from rmt.data.embedded import ensure_embedded
-
-    return str(ensure_embedded(cfg).base_model_dir)
-
-
-def resolve_tokenizer_path(cfg: RMTConfig) -> str:
-    return cfg.model.tokenizer or resolve_model_path(cfg)
-
-
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

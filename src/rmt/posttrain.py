@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt import losses, rollout_batch
+from rmt import collect, losses
 from rmt.checkpoint import list_checkpoints, load_checkpoint
 from rmt.config import PromptConfig, RMTConfig
 from rmt.errors import DataError, ModelError
@@ -118,7 +118,7 @@ def load_question_sets(cfg: RMTConfig) -> tuple[list[Question], list[Question]]:
     questions are held out of training."""
     pcfg = cfg.posttrain
     if pcfg.data is None:
-        from rmt.data.embedded import ensure_embedded
+        from rmt.embedded import ensure_embedded
 
         path = ensure_embedded(cfg, model=False).posttrain_path
         questions = read_questions(path, "jsonl", "prompt", "answer")  # the embedded split's own field names
@@ -274,7 +274,7 @@ def answer_questions(model, tokenizer, questions: list[Question], cfg: RMTConfig
     verifier = verifier or load_verifier(name)
     if not questions:
         return []
-    engine = rollout_batch.make_engine(cfg, model, tokenizer)
+    engine = collect.make_engine(cfg, model, tokenizer)
     prompts = [prompt_ids(q.question, tokenizer, cfg) for q in questions]
     groups = generate(cfg, engine, tokenizer, prompts, 1, temperature=0.0, batch=cfg.posttrain.eval_batch_size)
     answer_cfg = answer_prompt_config(cfg)
@@ -319,7 +319,8 @@ def evaluate_questions(model, tokenizer, records, cfg: RMTConfig) -> dict:
 
 def evaluate(cfg: RMTConfig) -> dict:
     """`rmt posttrain --eval-only`: the accuracy of model.path (None = the embedded base model) on the eval questions."""
-    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, resolve_model_path, resolve_tokenizer_path
+    from rmt.embedded import resolve_model_path, resolve_tokenizer_path
+    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer
 
     name = verifier_name(cfg)
     verifier = load_verifier(name)
@@ -331,7 +332,7 @@ def evaluate(cfg: RMTConfig) -> dict:
     model = load_model(resolve_model_path(cfg), cfg)
     check_tokenizer_matches_model(tokenizer, model)
     _check_chat(cfg, tokenizer)
-    eval_qs, _ = usable_questions(cfg, tokenizer, eval_qs, rollout_batch.context_length(model), "evaluation")
+    eval_qs, _ = usable_questions(cfg, tokenizer, eval_qs, collect.context_length(model), "evaluation")
     summary = summarize(answer_questions(model, tokenizer, eval_qs, cfg, verifier))
     return {"model": resolve_model_path(cfg), "verifier": name, **summary}
 
@@ -358,7 +359,7 @@ class Rollouts:
         return [(g.prompt_ids, r.token_ids) for g in self.groups for r in g.responses]
 
 
-def collect(cfg: RMTConfig, questions: list[Question], prompts: list[list[int]], engine, tokenizer, verifier, name: str,
+def collect_groups(cfg: RMTConfig, questions: list[Question], prompts: list[list[int]], engine, tokenizer, verifier, name: str,
             generator) -> Rollouts:
     """G sampled responses per question, verified and rewarded, with GRPO group advantages."""
     t0 = time.perf_counter()
@@ -431,7 +432,8 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, resolve_model_path, resolve_tokenizer_path
+    from rmt.embedded import resolve_model_path, resolve_tokenizer_path
+    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer
 
     pcfg = cfg.posttrain
     name = verifier_name(cfg)
@@ -451,7 +453,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
         model = load_model(resolve_model_path(cfg), cfg, accelerator.device)
     check_tokenizer_matches_model(tokenizer, model)
     _check_chat(cfg, tokenizer)
-    max_context = rollout_batch.context_length(model)
+    max_context = collect.context_length(model)
     train_qs, train_prompts = usable_questions(cfg, tokenizer, train_qs, max_context, "training")
     eval_qs, _ = usable_questions(cfg, tokenizer, eval_qs, max_context, "evaluation")
     ref_model = None
@@ -476,7 +478,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     metrics_log.truncate_after(start_step if start_step else -1)  # a fresh start logs its step-0 eval anew
     if cfg.train.tracker != "none":
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
-    engine = rollout_batch.make_engine(cfg, model, tokenizer)
+    engine = collect.make_engine(cfg, model, tokenizer)
     pad_id = tokenizer.pad_token_id or 0
 
     def run_eval(when: str) -> None:
@@ -502,7 +504,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
         while step < T and not stop.requested:
             t0 = time.perf_counter()
             rows = batch_indices(step, pcfg.questions_per_step, len(train_qs), cfg.train.seed)[rank::world].tolist()
-            rollouts = collect(
+            rollouts = collect_groups(
                 cfg, [train_qs[i] for i in rows], [train_prompts[i] for i in rows], engine, tokenizer, verifier, name,
                 generator=step_generator(cfg.train.seed, step, rank, 1),
             )

@@ -28,6 +28,7 @@ import torch
 
 from rmt.config import PretrainConfig, RMTConfig
 from rmt.errors import CheckpointError, DataError
+from rmt.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,6 @@ def evaluate_rows(model, rows: torch.Tensor, bf16: bool, batch_size: int = 16) -
 # Checkpoints
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, tokens: int) -> Path:
     """Write ``checkpoints/step-NNNNNN`` into a temporary folder and rename it; then drop older checkpoints."""
     from safetensors.torch import save_model
@@ -293,7 +288,7 @@ def train_base_model(
 
     texts = read_corpus_texts(corpus, text_field, cfg.data.encoding_errors)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     train_idx, held_idx = split_documents(len(texts), pcfg.eval_fraction, pcfg.seed)
     tokenizer = _load_or_train_tokenizer(out, tokenizer_dir, [texts[i] for i in train_idx], pcfg.vocab_size)
     rows = pack_rows(tokenizer, [texts[i] for i in train_idx], pcfg.seq_len)
@@ -392,7 +387,7 @@ def train_base_model(
         "torch_threads": torch.get_num_threads(),
         **final,
     }
-    _atomic_write_text(out / DONE_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / DONE_FILE, json.dumps(summary, indent=2) + "\n")
     if not pcfg.keep_checkpoints:
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
     log.info("saved the base model to %s: %s", out, summary)
@@ -404,51 +399,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def probe_embedded(cfg: RMTConfig, arts) -> dict:
-    """Reasoning probe of the embedded base model; writes probe.json.
-
-    Post-training accuracy (greedy, sampled, direct), mid-training values (the start of each computed value), and
-    ``midtrain_positions``: think-then-predict at random positions of the mid-training text, as RMT prompts it.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rmt.data.embedded import read_jsonl
-    from rmt.probe import ntp_accuracy, position_probe, posttrain_accuracy, reasoning_advantage
-
-    n = cfg.pretrain.probe_problems
-    model = AutoModelForCausalLM.from_pretrained(str(arts.base_model_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(arts.base_model_dir))
-    posttrain = read_jsonl(arts.posttrain_path)[:n]
-    midtrain = read_jsonl(arts.midtrain_path)
-    result = {
-        "posttrain_reasoning": posttrain_accuracy(model, tokenizer, posttrain, mode="reasoning"),
-        "posttrain_reasoning_sampled": posttrain_accuracy(model, tokenizer, posttrain, mode="reasoning", temperature=1.0),
-        "posttrain_direct": posttrain_accuracy(model, tokenizer, posttrain, mode="direct"),
-        "midtrain_values": reasoning_advantage(model, tokenizer, midtrain, max_values=n),
-        "midtrain_positions": position_probe(model, tokenizer, midtrain, n=n),
-        "eval_ntp": ntp_accuracy(model, tokenizer, read_jsonl(arts.eval_path)),
-    }
-    _atomic_write_text(arts.base_model_dir / "probe.json", json.dumps(result, indent=2) + "\n")
-    log.info("reasoning probe of the base model: %s", result)
-    return result
-
-
-def pretrain(cfg: RMTConfig) -> dict:
-    """`rmt pretrain`: the embedded default's base model (pretrain.corpus unset) or a model on pretrain.corpus."""
-    if cfg.pretrain.corpus is None:
-        from rmt.data.embedded import ensure_embedded
-
-        arts = ensure_embedded(cfg)
-        summary = json.loads((arts.base_model_dir / DONE_FILE).read_text())
-        probe_file = arts.base_model_dir / "probe.json"
-        return {
-            "output_dir": str(arts.base_model_dir),
-            "corpus_dir": str(arts.base_path.parent),
-            **summary,
-            **({"probe": json.loads(probe_file.read_text())} if probe_file.is_file() else {}),
-        }
-    summary = train_base_model(cfg, cfg.pretrain.corpus, cfg.pretrain.output_dir)
-    return {"output_dir": cfg.pretrain.output_dir, **summary}
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -164,14 +164,8 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     from accelerate import PartialState
 
     from rmt.data.prepare import load_meta
-    from rmt.modeling import (
-        check_tokenizer_matches_model,
-        load_model,
-        load_tokenizer,
-        resolve_model_path,
-        resolve_tokenizer_path,
-        tokenizer_fingerprint,
-    )
+    from rmt.embedded import resolve_model_path, resolve_tokenizer_path
+    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, tokenizer_fingerprint
 
     prepared = Path(cfg.data.prepared_dir)
     prep_meta = load_meta(prepared)

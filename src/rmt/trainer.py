@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt import losses, rollout_batch, schedules
+from rmt import collect, losses, schedules
 from rmt.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint
 from rmt.config import RMTConfig
 from rmt.errors import CheckpointError, DataError
@@ -105,7 +105,8 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     """Train according to ``cfg``; resumes from the newest checkpoint of ``output.dir``. Returns the run folder."""
     from tqdm.auto import tqdm
 
-    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, resolve_model_path, resolve_tokenizer_path
+    from rmt.embedded import resolve_model_path, resolve_tokenizer_path
+    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer
     from rmt.scoring import load_scored
 
     run_dir = Path(cfg.output.dir)
@@ -128,7 +129,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     if model is None:
         model = load_model(resolve_model_path(cfg), cfg, accelerator.device)
     check_tokenizer_matches_model(tokenizer, model)
-    rollout_batch.check_markers(cfg, tokenizer)
+    collect.check_markers(cfg, tokenizer)
     ref_model = None
     if cfg.train.rl and cfg.grpo.kl_beta > 0:
         ref_model = load_model(resolve_model_path(cfg), cfg, accelerator.device).eval().requires_grad_(False)
@@ -153,7 +154,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     metrics_log.truncate_after(start_step)
     if cfg.train.tracker != "none":
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
-    engine = rollout_batch.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
+    engine = collect.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
 
     nonfinite_in_a_row = 0
     bar = tqdm(total=T, initial=start_step, desc=f"train {cfg.preset}", disable=not accelerator.is_main_process)
@@ -267,18 +268,18 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
     rl = None
     if cfg.train.rl:
         t0 = time.perf_counter()
-        selection = rollout_batch.select_positions(
+        selection = collect.select_positions(
             cfg, global_tiers, probs, step_generator(cfg.train.seed, step, 0, 0), rank, world
         )
-        rl = rollout_batch.collect(
+        rl = collect.collect(
             cfg, batch, budget, selection, engine, tokenizer,
             sample_generator=step_generator(cfg.train.seed, step, rank, 1),
-            max_context=rollout_batch.context_length(model),
+            max_context=collect.context_length(model),
         )
         metrics.update(rl.metrics)
         metrics["time_rollout_s"] = time.perf_counter() - t0
     use_ntp = cfg.ntp.weight > 0
-    ntp_mask = rl.ntp_mask if rl is not None else rollout_batch.full_ntp_mask(batch.input_ids)
+    ntp_mask = rl.ntp_mask if rl is not None else collect.full_ntp_mask(batch.input_ids)
 
     # Global counts: each loss term is normalised by its own count over all processes and micro-batches.
     counts = torch.tensor(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rmt import losses
-from rmt.rollout_batch import forward_logprobs
+from rmt.forward import forward_logprobs
 
 
 @dataclass

@@ -32,7 +32,7 @@ def corpus_sources(cfg: RMTConfig) -> list[tuple[Path, str | None]]:
         if cfg.data.eval_path is not None:
             return [(Path(cfg.data.path), "train"), (Path(cfg.data.eval_path), "eval")]
         return [(Path(cfg.data.path), None)]
-    from rmt.data.embedded import ensure_embedded
+    from rmt.embedded import ensure_embedded
 
     arts = ensure_embedded(cfg)
     return [(Path(arts.midtrain_path), "train"), (Path(cfg.data.eval_path or arts.eval_path), "eval")]
@@ -148,7 +148,8 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     """
     import datasets
 
-    from rmt.modeling import load_tokenizer, resolve_tokenizer_path
+    from rmt.embedded import resolve_tokenizer_path
+    from rmt.modeling import load_tokenizer
 
     sources = corpus_sources(cfg)
     for path, _ in sources:

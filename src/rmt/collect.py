@@ -1,8 +1,6 @@
 """The RL side of one training step: RL set C -> prompts -> G rollouts each -> parsed, rewarded, advantages.
 
-Also the one function that turns a batch into log-probabilities for the loss (``forward_logprobs``): the NTP
-targets of the corpus sequences and the response tokens of every rollout. The step loop only calls it, so a faster
-implementation (one shared-prefix pass per corpus sequence) can replace its inside without touching the loop.
+The engines that generate live in ``rmt.rollout``; the log-probabilities for the loss in ``rmt.forward``.
 """
 
 from __future__ import annotations
@@ -13,10 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rmt import forward, losses, prompts, rewards, sampling, schedules
+from rmt import losses, prompts, rewards, sampling, schedules
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
-from rmt.forward import ForwardOut
 from rmt.rollout import Group, RolloutEngine, StopRule, make_engine as _make_engine
 from rmt.tiers import TIER_NAMES
 
@@ -223,14 +220,3 @@ def _samples(batch, data: RLData, parsed, parts, tokenizer, decode, n: int = 2) 
             "reward": parts[i * G].total,
         })
     return out
-
-
-def forward_logprobs(model, sequences: list[list[int]] | None, responses: list[tuple[list[int], list[int]]] | None,
-                     temperature: float, pad_id: int = 0) -> ForwardOut:
-    """Log-probabilities for the loss: NTP targets of ``sequences`` (B, L) and the tokens of each (prompt, response)
-    (N, R, right-aligned, with their mask).
-
-    ``rmt.forward`` computes them in one shared-prefix pass per corpus sequence (NTP and every response of that
-    sequence together) with a chunked output head, falling back to plain rows where that does not apply.
-    """
-    return forward.forward_logprobs(model, sequences, responses, temperature, pad_id)

@@ -17,9 +17,16 @@ Two measurements (SPEC section 8), both greedy and batched:
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 
 import torch
+
+from rmt.config import RMTConfig
+from rmt.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -270,7 +277,7 @@ def posttrain_accuracy(
 
     Greedy by default; with ``temperature`` > 0 the thinking is sampled (seeded), as GRPO's rollouts would be.
     """
-    from rmt.data.embedded import score_posttrain
+    from rmt.embedded.corpus import score_posttrain
 
     if mode not in ("reasoning", "direct"):
         raise ValueError(f"mode must be reasoning or direct, got {mode!r}")
@@ -301,18 +308,46 @@ def posttrain_accuracy(
     }
 
 
+def probe_base_model(cfg: RMTConfig, arts) -> dict:
+    """Reasoning probe of the embedded base model; writes probe.json.
+
+    Post-training accuracy (greedy, sampled, direct), mid-training values (the start of each computed value), and
+    ``midtrain_positions``: think-then-predict at random positions of the mid-training text, as RMT prompts it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rmt.embedded.corpus import read_jsonl
+
+    n = cfg.pretrain.probe_problems
+    model = AutoModelForCausalLM.from_pretrained(str(arts.base_model_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(arts.base_model_dir))
+    posttrain = read_jsonl(arts.posttrain_path)[:n]
+    midtrain = read_jsonl(arts.midtrain_path)
+    result = {
+        "posttrain_reasoning": posttrain_accuracy(model, tokenizer, posttrain, mode="reasoning"),
+        "posttrain_reasoning_sampled": posttrain_accuracy(model, tokenizer, posttrain, mode="reasoning", temperature=1.0),
+        "posttrain_direct": posttrain_accuracy(model, tokenizer, posttrain, mode="direct"),
+        "midtrain_values": reasoning_advantage(model, tokenizer, midtrain, max_values=n),
+        "midtrain_positions": position_probe(model, tokenizer, midtrain, n=n),
+        "eval_ntp": ntp_accuracy(model, tokenizer, read_jsonl(arts.eval_path)),
+    }
+    atomic_write_text(arts.base_model_dir / "probe.json", json.dumps(result, indent=2) + "\n")
+    log.info("reasoning probe of the base model: %s", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rmt.probe MODEL_DIR CORPUS.jsonl [N]``: the position probe of any model on a corpus, as JSON."""
+    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N]``: the position probe of any model on a corpus, as JSON."""
     import json
     import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rmt.data.embedded import read_jsonl
+    from rmt.embedded.corpus import read_jsonl
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
-        raise SystemExit("usage: python -m rmt.probe MODEL_DIR CORPUS.jsonl [N]")
+        raise SystemExit("usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N]")
     model = AutoModelForCausalLM.from_pretrained(args[0], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args[0])
     result = position_probe(model, tokenizer, read_jsonl(args[1]), n=int(args[2]) if len(args) == 3 else 500)
