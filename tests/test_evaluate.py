@@ -195,7 +195,7 @@ def test_reasoning_known_answers_exact_and_prefix(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     close = tok.convert_tokens_to_ids("</think>")
-    cfg = load_config(None, ["prompt.raw_answer=line", "eval.batch_size=2", "eval.budget=3", "budget.answer_allowance=4"])
+    cfg = load_config(None, ["prompt.raw_answer=line", "eval.batch_size=2", "eval.budget=3", "eval.max_response_tokens=10"])
     # Five rows "<letter> 12+7=19;"; each item is the '1' of "19" (position 7), target token "1".
     sequences = {r: enc(f"{c} 12+7=19;") for r, c in enumerate("abcde")}
     pos = 7
@@ -217,7 +217,7 @@ def test_reasoning_known_answers_exact_and_prefix(tiny_model_dir):
     assert [o.think for o in outcomes] == [[2], [0], [1], [4], [0]]
     assert [o.malformed for o in outcomes] == [[False], [False], [False], [True], [False]]
     assert cut == 0 and len(examples) == 3
-    # Batches of two prompts, greedy, capped at 2 * budget + answer allowance.
+    # Batches of two prompts, greedy, at the evaluation's one cap (eval.max_response_tokens), whatever the budget.
     assert engine.calls == [(2, 1, 10, 0.0), (2, 1, 10, 0.0), (1, 1, 10, 0.0)]
 
     res = ev.summarize(items, outcomes, has_computed=True)
@@ -404,3 +404,21 @@ def test_cli_eval_writes_the_table(scored, tiny_model_dir, tmp_path):
     assert "| base | ntp |" in res.output
     bad = CliRunner().invoke(app, ["eval", "--model", "nopath", *overrides])
     assert bad.exit_code == 2 and "NAME=PATH" in bad.output
+
+
+def test_paired_bootstrap_by_hand_and_its_laws():
+    # identical rows: the difference and its interval are exactly 0
+    same = np.array([[1, 0, 1, 1], [0, 0, 1, 0]])
+    assert ev.paired_bootstrap(same, same) == {"diff": 0.0, "ci": [0.0, 0.0], "n": 8}
+    # a constant difference of +1 at every position: every resample has it
+    got = ev.paired_bootstrap(np.ones((2, 5)), np.zeros((2, 5)), n_boot=200)
+    assert got["diff"] == 1.0 and got["ci"] == [1.0, 1.0]
+    # one seed: half the positions +1, half 0 -> mean 0.5, interval around it, inside [0, 1]
+    got = ev.paired_bootstrap(np.array([1, 1, 0, 0] * 25), np.zeros(100), n_boot=2000, seed=1)
+    assert got["diff"] == 0.5 and 0.35 < got["ci"][0] < 0.5 < got["ci"][1] < 0.65
+    # antisymmetric: swapping the rows flips the sign
+    a, b = np.random.default_rng(0).integers(0, 2, (3, 40)), np.random.default_rng(1).integers(0, 2, (3, 40))
+    ab, ba = ev.paired_bootstrap(a, b, seed=3), ev.paired_bootstrap(b, a, seed=3)
+    assert ab["diff"] == -ba["diff"] and ab["ci"] == pytest.approx([-ba["ci"][1], -ba["ci"][0]])
+    with pytest.raises(ValueError):
+        ev.paired_bootstrap(np.ones(3), np.ones(4))

@@ -166,7 +166,7 @@ def test_a_few_steps_raise_the_reward_on_an_easy_task(warm_model_dir, tmp_path):
     data = _write_jsonl(tmp_path / "train.jsonl", _questions(64, 2))
     held = _write_jsonl(tmp_path / "held.jsonl", _questions(32, 3))
     cfg = _cfg(warm_model_dir, data, tmp_path / "run", "posttrain.steps=30", "posttrain.lr=3e-3", f"posttrain.eval_data={held}",
-               "train.save_every=100")
+               "train.save_every=100", "posttrain.eval_every=10")
     run = posttrain(cfg)
     rows = [r for r in read_metrics(run) if "reward" in r]
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -176,6 +176,10 @@ def test_a_few_steps_raise_the_reward_on_an_easy_task(warm_model_dir, tmp_path):
     evals = json.loads((run / "eval.json").read_text())
     assert evals["after"]["accuracy"] > evals["before"]["accuracy"]
     assert evals["after"]["accuracy_ci95"][0] <= evals["after"]["accuracy"] <= evals["after"]["accuracy_ci95"][1]
+    # the accuracy-vs-step curve: steps 0, 10, 20 and 30, the ends being "before" and "after"
+    assert list(evals["curve"]) == ["0", "10", "20", "30"]
+    assert evals["curve"]["0"] == evals["before"] and evals["curve"]["30"] == evals["after"]
+    assert [r["step"] for r in read_metrics(run) if "eval_accuracy" in r] == [0, 10, 20, 30]
     assert (run / "final" / "model.safetensors").is_file()
 
 

@@ -87,8 +87,8 @@ def parse(ids, cfg=RAW, **kw):
 
 
 def test_raw_first_token():
-    assert parse([A, B, A, CLOSE, C, D]) == ParsedResponse("ok", " c", 3)  # response starts inside thinking
-    assert parse([CLOSE, C]) == ParsedResponse("ok", " c", 0)
+    assert parse([A, B, A, CLOSE, C, D]) == ParsedResponse("ok", " c", 3, C, 5)  # response starts inside thinking
+    assert parse([CLOSE, C]) == ParsedResponse("ok", " c", 0, C, 2)
     assert parse([A, CLOSE]) == ParsedResponse("no_answer", None, 1)
     assert parse([A, CLOSE, EOS, C]) == ParsedResponse("no_answer", None, 1)  # cut at EOS
     assert parse([A, B, A]) == ParsedResponse("no_close", None, 3)
@@ -120,7 +120,7 @@ def test_chat_boxed():
 def test_marker_inside_a_token():
     # a token "x</think>y": it is neither thinking nor answer token, its tail belongs to the answer text
     assert parse([A, B, MIXED, NL], LINE) == ParsedResponse("ok", "y", 2)
-    assert parse([A, MIXED, C], RAW) == ParsedResponse("ok", " c", 1)
+    assert parse([A, MIXED, C], RAW) == ParsedResponse("ok", " c", 1, C, 3)
 
 
 def test_last_boxed():
@@ -142,6 +142,8 @@ def test_parse_never_raises_and_is_consistent(ids, cfg, truncated):
     assert parsed.status in {"ok", "no_close", "no_answer", "unbalanced", "truncated"}
     assert (parsed.prediction is not None) == parsed.ok
     assert 0 <= parsed.think_tokens <= len(ids)
+    if parsed.prediction_id is not None:  # the first-token rule: the token read is the one at answer_end - 1
+        assert ids[parsed.answer_end - 1] == parsed.prediction_id and decode([parsed.prediction_id]) == parsed.prediction
     if CLOSE not in ids and MIXED not in ids:
         assert parsed.status in {"no_close", "truncated"}
 
@@ -153,7 +155,76 @@ def test_parse_with_tokenizer(tok):
     response = tok.encode("12+7 is 19</think> the", add_special_tokens=False) + [tok.eos_token_id]
     parsed = parse_response(response, tok, RAW)
     n_think = len(tok.encode("12+7 is 19", add_special_tokens=False))
-    assert parsed == ParsedResponse("ok", tok.decode(response[n_think + 1 : n_think + 2]), n_think)
+    assert parsed == ParsedResponse("ok", tok.decode(response[n_think + 1 : n_think + 2]), n_think, response[n_think + 1], n_think + 2)
     chat = tok.encode("<think>so it is</think>The answer: \\boxed{ mat}", add_special_tokens=False)
     assert parse_response(chat, tok, CHAT).prediction == " mat"
     assert parse_response(chat, tok, CHAT).think_tokens == len(tok.encode("so it is", add_special_tokens=False))
+
+
+# --- restatement of the part of the current value already written --------------------------------------------
+
+DIGITS = ["<s>", "7", "-", "4", "+", "6", "3", "=", "1", "2", "\n", "<think>", "</think>", " ele", "p", "hant", " the", "x"]
+DX = {t: i for i, t in enumerate(DIGITS)}
+
+
+def dids(*tokens):
+    return [DX[t] for t in tokens]
+
+
+def ddecode(ids):
+    return "".join(DIGITS[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    "prefix, written",
+    [
+        (("<s>", "7", "-", "4", "=", "-", "1"), ("-", "1")),  # a sign after "=" belongs to the value
+        (("<s>", "7", "-", "4", "+", "6", "-", "3"), ("3",)),  # "-" after a digit is an operator
+        (("<s>", "7", "-"), ()),  # an operator: no value begun
+        (("<s>", "7", "=", "-"), ("-",)),  # the sign alone
+        (("<s>", "7", "=", "1", "2"), ("1", "2")),
+        (("<s>", "7", "="), ()),
+        ((" the", " ele", "p"), (" ele", "p")),  # a word-initial BPE token ends the run
+        (("x",), ("x",)),
+    ],
+)
+def test_current_value_ids(prefix, written):
+    from rmt.prompts import current_value_ids
+
+    assert current_value_ids(dids(*prefix), ddecode) == dids(*written)
+
+
+def test_restatement_length_hand_values():
+    from rmt.prompts import restatement_length
+
+    w = dids("-", "1")
+    assert restatement_length(dids("-", "1", "2", "\n"), w, ddecode) == 2  # whole value restated: read "2"
+    assert restatement_length(dids("-", "1", "\n"), w, ddecode) == 0  # the written part then a newline: no
+    assert restatement_length(dids("-", "1"), w, ddecode) == 0  # nothing after it: no
+    assert restatement_length(dids("2", "\n"), w, ddecode) == 0  # the next token right away
+    assert restatement_length(dids("-", "2"), w, ddecode) == 0  # not a restatement
+    assert restatement_length(dids("1", "2"), dids("1"), ddecode) == 1
+    assert restatement_length(dids("1", "2"), [], ddecode) == 0
+
+
+def test_parse_reads_past_a_restatement_and_the_switch_turns_it_off():
+    close = DX["</think>"]
+    cfg = PromptConfig()
+    written = dids("-", "1")
+    got = parse_response(dids("7", "</think>", "-", "1", "2", "\n"), ddecode, cfg, written_ids=written)
+    assert got == ParsedResponse("ok", "2", 1, DX["2"], 5)
+    assert parse_response(dids("7", "</think>", "2"), ddecode, cfg, written_ids=written).prediction == "2"
+    off = PromptConfig(skip_restatement=False)
+    assert parse_response(dids("7", "</think>", "-", "1", "2"), ddecode, off, written_ids=written).prediction == "-"
+    assert close in dids("</think>")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, len(DIGITS) - 1), max_size=8), st.lists(st.integers(0, len(DIGITS) - 1), max_size=4))
+def test_restatement_is_a_proper_prefix_that_decodes_to_the_written_part(after, written):
+    from rmt.prompts import restatement_length
+
+    k = restatement_length(after, written, ddecode)
+    assert 0 <= k < max(1, len(after))
+    if k:
+        assert ddecode(after[:k]) == ddecode(written) and ddecode(after[k : k + 1]).strip()

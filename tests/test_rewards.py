@@ -12,6 +12,7 @@ from rmt.rewards import (
     prefix_match_reward,
     response_reward,
     total_reward,
+    Truth,
 )
 
 # --- length reward --------------------------------------------------------------------------------------------
@@ -56,6 +57,33 @@ def test_exact_match_and_leading_space():
     assert exact_match_reward("", "") == 0.0  # an empty prediction never matches
     assert exact_match_reward(" ", " ") == 0.0
     assert exact_match_reward("日", "日".encode()) == 1.0
+
+
+def test_exact_match_compares_token_ids_and_never_two_partial_characters():
+    # Two different tokens that each hold part of a multi-byte character decode alone to U+FFFD: equal texts, but
+    # not the same token.
+    assert exact_match_reward("\ufffd", "\ufffd", prediction_id=7, target_id=9) == 0.0
+    assert exact_match_reward("\ufffd", "\ufffd", prediction_id=9, target_id=9) == 1.0
+    assert exact_match_reward("\ufffd", "\ufffd") == 0.0  # text alone never matches a partial character
+    assert exact_match_reward("the", " the", prediction_id=3, target_id=4) == 1.0  # leading space, as before
+    assert exact_match_reward("the", " the", False, prediction_id=3, target_id=4) == 0.0
+
+
+def test_exact_match_on_a_byte_level_tokenizer(tmp_path):
+    from conftest import build_tiny_tokenizer
+
+    from rmt.rewards import Truth
+
+    tok = build_tiny_tokenizer(tmp_path)
+    ids = tok.encode("日本語", add_special_tokens=False)
+    decode = lambda x: tok.decode(x, clean_up_tokenization_spaces=False)  # noqa: E731
+    partial = [i for i in ids if "\ufffd" in decode([i])]
+    assert len(partial) >= 2 and len({decode([i]) for i in partial}) == 1
+    truth = Truth.from_ids(ids, decode)
+    wrong = next(i for i in partial if i != ids[0])
+    assert MATCH_REWARDS["exact"](decode([wrong]), wrong, truth, True) == 0.0
+    assert MATCH_REWARDS["exact"](decode([ids[0]]), ids[0], truth, True) == 1.0
+    assert MATCH_REWARDS["prefix"]("日", None, truth, True) == 1.0
 
 
 # --- prefix match ---------------------------------------------------------------------------------------------
@@ -158,7 +186,7 @@ def _decodes(b: bytes) -> bool:
 def test_total_reward_and_response_reward():
     assert total_reward(1.0, 0.5, 0.2) == pytest.approx(0.9)
     cfg = RewardConfig()  # exact, w = 0.2, r_max = 1
-    cont = [" cat", " sat"]
+    cont = Truth(5, " cat", (" cat", " sat"))
     assert response_reward("cat", 10, cont, 10, cfg) == Reward(1.0, 1.0, 1.0)
     assert response_reward("dog", 10, cont, 10, cfg) == Reward(pytest.approx(0.2), 0.0, 1.0)
     assert response_reward("cat", 15, cont, 10, cfg) == Reward(pytest.approx(0.9), 1.0, 0.5)
@@ -168,4 +196,5 @@ def test_total_reward_and_response_reward():
     assert response_reward("cat sat", 999, cont, None, prefix).total == 1.0
     assert response_reward("cat sat", 999, cont, None, cfg).total == 0.0  # exact reads only the next token
     assert set(MATCH_REWARDS) == {"exact", "prefix"}
-    assert MATCH_REWARDS["exact"]("x", [], True) == 0.0
+    assert MATCH_REWARDS["exact"]("x", None, Truth(None, "", ()), True) == 0.0
+    assert response_reward(" dog", 10, cont, 10, cfg, prediction_id=5).match == 1.0  # the same token id

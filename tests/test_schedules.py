@@ -159,3 +159,13 @@ def test_curriculum_is_a_distribution_between_its_ends(p_early, p_late, t1, gap,
     assert sum(p) == pytest.approx(1.0, abs=1e-12)
     for x, a, b in zip(p, p_early, p_late):
         assert min(a, b) - 1e-9 <= x <= max(a, b) + 1e-9
+
+
+def test_auto_b0_is_a_quantile_of_the_lengths_that_think():
+    from rmt.schedules import auto_b0
+
+    assert auto_b0([0, 0, 10, 20, 30, 40, 50], 0.5, 1) == 30  # zeros (no thinking) are left out
+    assert auto_b0([10, 20], 0.9, 1) == 19  # 10 + 0.9 * 10, rounded up
+    assert auto_b0([10, 20], 1.0, 1) == 20
+    assert auto_b0([0, 0], 0.9, 3) == 3  # nothing thinks: B_min
+    assert auto_b0([2], 0.5, 5) == 5  # never below B_min

@@ -53,6 +53,48 @@ def test_every_preset_runs_a_few_steps(corpus, tmp_path, preset):
         assert "reward" not in rows[-1] and rows[-1]["ntp_loss"] > 0
 
 
+def test_flops_are_counted_per_step_and_add_up(corpus, tmp_path):
+    rows = {p: read_metrics(trainer.train(run_cfg(corpus, tmp_path, p, "train.total_steps=2"))) for p in ("rmt", "ntp")}
+    for preset, r in rows.items():
+        assert all(x["flops"] > 0 for x in r), preset
+        assert r[1]["flops_total"] == pytest.approx(r[0]["flops"] + r[1]["flops"])
+    # the same sequences: RMT adds generation and the RL responses to NTP's forward and backward
+    assert rows["rmt"][-1]["flops_total"] > rows["ntp"][-1]["flops_total"]
+
+
+def test_auto_b0_is_measured_once_and_kept_on_resume(corpus, tmp_path, monkeypatch):
+    from rmt import collect
+
+    real_measure, real_step = collect.measure_think_lengths, trainer.train_step
+    calls = []
+    monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: calls.append(1) or [0, 4, 6, 8, 0])
+
+    def crash_on_third_step(*args, **kwargs):
+        if args[1] == 2:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", crash_on_third_step)
+    cfg = run_cfg(corpus, tmp_path, "rmt", "budget.b0=auto", "budget.auto_quantile=0.5")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train(cfg)
+    run = Path(cfg.output.dir)
+    assert json.loads((run / "budget_b0.json").read_text())["b0"] == 6 and calls == [1]  # median of 4, 6, 8
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: calls.append(1) or [50])
+    trainer.train(cfg)  # resumes at step 2 with the B_0 it started with, without measuring again
+    rows = read_metrics(run)
+    assert calls == [1] and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["budget"] for r in rows] == [schedules.token_budget(t, 4, 6, 1, cfg.budget.gamma) for t in range(4)]
+    # the measurement itself, on the tiny model: one sampled response per position, lengths of the well-formed ones
+    from rmt.modeling import load_model, load_tokenizer
+    from rmt.scoring import load_scored
+
+    model, tok = load_model(cfg.model.path, cfg), load_tokenizer(cfg.model.path)
+    lengths = real_measure(cfg, collect.make_engine(cfg, model, tok), tok, load_scored(cfg.data.prepared_dir, "train"))
+    assert all(isinstance(n, int) and 0 <= n <= cfg.rollout.max_response_tokens for n in lengths)
+
+
 def test_budget_and_curriculum_follow_the_schedule(corpus, tmp_path):
     cfg = run_cfg(corpus, tmp_path, "rmt", "train.total_steps=5", "budget.b0=8", "budget.gamma=0.25")
     rows = read_metrics(trainer.train(cfg))
@@ -133,6 +175,7 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
     assert [r["step"] for r in mb] == [1, 2, 3, 4]
     for ra, rb in zip(ma, mb):
         assert ra["reward"] == rb["reward"] and ra["tier_hard"] == rb["tier_hard"] and ra["loss"] == rb["loss"]
+        assert ra["flops_total"] == rb["flops_total"]  # the compute count resumes with the run
 
 
 def test_finished_run_is_not_rerun_and_other_config_is_refused(corpus, tmp_path, caplog):

@@ -14,7 +14,7 @@ import torch
 from rmt import losses, prompts, rewards, sampling, schedules
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
-from rmt.rollout import Group, RolloutEngine, StopRule, make_engine as _make_engine
+from rmt.rollout import Group, Response, RolloutEngine, StopRule, make_engine as _make_engine
 from rmt.tiers import TIER_NAMES
 
 PREFIX_CONTINUATION = 16  # true next tokens given to the prefix-matching reward
@@ -35,9 +35,14 @@ def check_markers(cfg: RMTConfig, tokenizer) -> None:
         raise ModelError("prompt.style=chat needs a tokenizer with a chat template; use prompt.style=raw for base models")
 
 
-def stop_rule(cfg: RMTConfig, tokenizer) -> StopRule:
-    """Raw first-token answers stop one token after </think>; other rules run to EOS (or the cap)."""
-    after = 1 if cfg.prompt.style == "raw" and cfg.prompt.raw_answer == "first_token" else None
+def reads_first_token(cfg: RMTConfig) -> bool:
+    return cfg.prompt.style == "raw" and cfg.prompt.raw_answer == "first_token"
+
+
+def stop_rule(cfg: RMTConfig, tokenizer, restatement: int = 0) -> StopRule:
+    """Raw first-token answers stop one token after </think> (plus ``restatement`` tokens, room to restate the part
+    of the current value already written); other rules run to EOS (or the cap)."""
+    after = 1 + restatement if reads_first_token(cfg) else None
     return StopRule.from_tokenizer(tokenizer, cfg.prompt.think_close, after_close=after)
 
 
@@ -68,6 +73,7 @@ class RLData:
     groups: list[Group]  # one per position of C, same order
     rewards: torch.Tensor  # (|C|, G)
     advantages: torch.Tensor  # (|C|, G)
+    generated: list[tuple[int, int]] = field(default_factory=list)  # (prompt length, tokens generated) per response
     metrics: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
 
@@ -131,45 +137,110 @@ def select_positions(cfg: RMTConfig, global_tiers, probs, generator, rank: int =
     )
 
 
+@dataclass
+class Rollouts:
+    """The responses at a list of positions, read by the answer rule: training and evaluation share it."""
+
+    groups: list[Group]  # one per position; a first-token response is cut right after the token that was read
+    parsed: list[list[prompts.ParsedResponse]]  # per position, per response
+    truths: list[rewards.Truth]  # per position: the true next tokens
+    cap: int  # the generation cap: 2*B + answer allowance (or the evaluation's cap)
+    restatement_room: int  # tokens added to the cap and the stop rule to restate the written part of a value
+    prompts_cut: int
+    generated: list[tuple[int, int]]  # (prompt length, tokens generated) of every response, before any cut  # prompts whose prefix was cut from the left to fit the context
+
+
+def written_part(cfg: RMTConfig, prefix: list[int], decode) -> list[int]:
+    """The part of the current value already written (``prompts.current_value_ids``) when the answer rule skips its
+    restatement; empty otherwise."""
+    if not (reads_first_token(cfg) and cfg.prompt.skip_restatement):
+        return []
+    return prompts.current_value_ids(prefix[-16:], decode)
+
+
+def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positions, prompt_budget: int | None, cap: int, *,
+             group_size: int, temperature: float, generator=None, batch_size: int, max_context: int = 1 << 30) -> Rollouts:
+    """Prompt at each (row, pos) of ``positions``, generate ``group_size`` responses (``batch_size`` prompts per
+    engine call), and read each with the answer rule. ``cap``: 2*B + answer allowance; the restatement room (the
+    longest written part) is added to it and to the stop rule."""
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    written = [written_part(cfg, list(sequences[b][:pos]), decode) for b, pos in positions]
+    extra = max((len(w) for w in written), default=0)
+    prompt_ids, n_cut = build_prompts(cfg, tokenizer, sequences, positions, prompt_budget, cap + extra, max_context)
+    stop = stop_rule(cfg, tokenizer, extra)
+    groups: list[Group] = []
+    for i in range(0, len(prompt_ids), batch_size):
+        groups += engine.generate_groups(
+            prompt_ids[i : i + batch_size], group_size, cap + extra, stop=stop,
+            temperature=temperature, top_p=cfg.rollout.top_p, generator=generator,
+        )
+    parsed_all, cut_groups, truths = [], [], []
+    for (b, pos), group, w in zip(positions, groups, written):
+        parsed = [prompts.parse_response(r.token_ids, tokenizer, cfg.prompt, truncated=r.truncated, written_ids=w)
+                  for r in group.responses]
+        responses = [
+            Response(r.token_ids[: p.answer_end], r.logprobs[: p.answer_end], "stop")
+            if p.answer_end is not None and p.answer_end < len(r.token_ids) else r
+            for r, p in zip(group.responses, parsed)
+        ]
+        parsed_all.append(parsed)
+        cut_groups.append(Group(group.prompt_ids, responses))
+        truths.append(rewards.Truth.from_ids(sequences[b][pos : pos + PREFIX_CONTINUATION], decode))
+    generated = [(len(g.prompt_ids), len(r.token_ids)) for g in groups for r in g.responses]
+    return Rollouts(cut_groups, parsed_all, truths, cap, extra, n_cut, generated)
+
+
 def collect(cfg: RMTConfig, batch, budget: int, selection: sampling.RLSelection, engine: RolloutEngine, tokenizer, *,
             sample_generator, max_context: int = 1 << 30) -> RLData:
     """Roll out G responses per position of C, parse and reward them, and compute group advantages."""
     prompt_budget = budget if cfg.budget.enabled else None
     cap = schedules.response_cap(prompt_budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)
-    prompt_ids, n_cut = build_prompts(cfg, tokenizer, batch.input_ids, selection.positions, prompt_budget, cap, max_context)
-    stop = stop_rule(cfg, tokenizer)
-
     t0 = time.perf_counter()
-    groups: list[Group] = []
-    step = cfg.rollout.positions_per_batch
-    for i in range(0, len(prompt_ids), step):
-        groups += engine.generate_groups(
-            prompt_ids[i : i + step], cfg.rollout.group_size, cap, stop=stop,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sample_generator,
-        )
+    out = roll_out(
+        cfg, engine, tokenizer, batch.input_ids, selection.positions, prompt_budget, cap,
+        group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature, generator=sample_generator,
+        batch_size=cfg.rollout.positions_per_batch, max_context=max_context,
+    )
     rollout_s = time.perf_counter() - t0
 
     G = cfg.rollout.group_size
     reward_rows, parsed_all, reward_parts = [], [], []
-    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
-    k = 1 if cfg.reward.match == "exact" else PREFIX_CONTINUATION
-    for (b, pos), group in zip(selection.positions, groups):
-        continuation = rewards.continuation_pieces(batch.input_ids[b][pos : pos + k], decode)
+    for parsed_row, truth in zip(out.parsed, out.truths):
         row = []
-        for resp in group.responses:
-            parsed = prompts.parse_response(resp.token_ids, tokenizer, cfg.prompt, truncated=resp.truncated)
-            rw = rewards.response_reward(parsed.prediction, parsed.think_tokens, continuation, prompt_budget, cfg.reward)
+        for parsed in parsed_row:
+            rw = rewards.response_reward(parsed.prediction, parsed.think_tokens, truth, prompt_budget, cfg.reward, parsed.prediction_id)
             row.append(rw.total)
             parsed_all.append(parsed)
             reward_parts.append(rw)
         reward_rows.append(row)
-    reward_t = torch.tensor(reward_rows, dtype=torch.float32).reshape(len(groups), G)
+    reward_t = torch.tensor(reward_rows, dtype=torch.float32).reshape(len(out.groups), G)
     advantages = losses.group_advantages(reward_t, cfg.grpo.adv_eps)
 
-    data = RLData(selection, groups, reward_t, advantages)
-    data.metrics = _metrics(cfg, batch, data, parsed_all, reward_parts, budget, cap, n_cut, rollout_s)
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    data = RLData(selection, out.groups, reward_t, advantages, out.generated)
+    data.metrics = _metrics(cfg, batch, data, parsed_all, reward_parts, budget, out.cap, out.prompts_cut, rollout_s)
     data.samples = _samples(batch, data, parsed_all, reward_parts, tokenizer, decode)
     return data
+
+
+def measure_think_lengths(cfg: RMTConfig, engine: RolloutEngine, tokenizer, data, *, max_context: int = 1 << 30) -> list[int]:
+    """Thinking lengths of the model at ``budget.auto_positions`` RL positions of the scored training split
+    (``data``: input_ids and tier columns), one sampled response each at rollout.temperature with no budget: what
+    budget.b0=auto is measured on. Positions: one per sequence of a seeded sample of sequences, uniform over the
+    tiers; only well-formed responses count."""
+    n = min(cfg.budget.auto_positions, len(data))
+    rng = np.random.default_rng([cfg.train.seed, 7])
+    rows = sorted(rng.choice(len(data), size=n, replace=False).tolist())
+    picked = data.select(rows)
+    selection = sampling.sample_rl_set(
+        picked["tier"], (1 / 3, 1 / 3, 1 / 3), torch.Generator().manual_seed(cfg.train.seed), min_prefix=cfg.curriculum.min_prefix
+    )
+    out = roll_out(
+        cfg, engine, tokenizer, picked["input_ids"], selection.positions, None, cfg.rollout.max_response_tokens,
+        group_size=1, temperature=cfg.rollout.temperature, generator=torch.Generator().manual_seed(cfg.train.seed + 1),
+        batch_size=cfg.rollout.positions_per_batch, max_context=max_context,
+    )
+    return [p.think_tokens for row in out.parsed for p in row if p.ok]
 
 
 def _metrics(cfg, batch, data: RLData, parsed, parts, budget, cap, n_cut, rollout_s) -> dict:

@@ -112,14 +112,23 @@ class ScoringConfig(Section):
 class BudgetConfig(Section):
     enabled: bool = Field(True, description="Put a thinking budget in the prompt and cap generation at 2*B_t + answer allowance.")
     dynamic: bool = Field(True, description="Decay the budget B_t = max(B_min, floor(B_0 * gamma^(t/T))); off = fixed B_0 (ablation rmt-no-dtb).")
-    b0: int = Field(800, ge=1, description="Initial budget B_0 in thinking tokens (paper: 800).")
+    b0: int | Literal["auto"] = Field(
+        800,
+        description="Initial budget B_0 in thinking tokens (paper: 800), >= 1; or auto = measured on the model before training: the "
+        "budget.auto_quantile quantile of its thinking lengths (responses that think at all) at budget.auto_positions RL positions "
+        "of the training split, so that the budget starts near the model's natural length and binds as it decays.",
+    )
+    auto_quantile: float = Field(0.9, gt=0.0, le=1.0, description="With b0=auto: the quantile of the measured thinking lengths taken as B_0.")
+    auto_positions: int = Field(64, ge=1, description="With b0=auto: RL positions (uniform over the tiers, seeded by train.seed) sampled once each.")
     b_min: int = Field(1, ge=1, description="Floor of the budget B_min (paper: 1).")
     gamma: float = Field(0.2, gt=0.0, lt=1.0, description="Decay rate gamma in (0, 1): B_T = gamma * B_0 (paper: 0.2).")
     answer_allowance: int = Field(16, ge=1, description="Tokens allowed after the thinking cap for the closing tag and the answer.")
 
     @model_validator(mode="after")
     def _bmin(self) -> "BudgetConfig":
-        if self.b_min > self.b0:
+        if self.b0 != "auto" and self.b0 < 1:
+            raise ValueError(f"budget.b0 must be >= 1 or auto, got {self.b0}")
+        if self.b0 != "auto" and self.b_min > self.b0:
             raise ValueError(f"budget.b_min must be between 1 and budget.b0={self.b0}, got {self.b_min}")
         return self
 
@@ -167,6 +176,12 @@ class PromptConfig(Section):
     raw_answer: Literal["first_token", "boxed", "line"] = Field(
         "first_token",
         description="How a raw response's prediction is read after </think>: its first token, the last \\boxed{}, or the rest of the line.",
+    )
+    skip_restatement: bool = Field(
+        True,
+        description="raw_answer=first_token: when the answer after </think> starts by restating the part of the current number or word "
+        "already written in the prefix (=1<think>...</think>12) and goes on, read the token after the restatement (2). The same "
+        "rule for every model, in the reward and in evaluation (rmt.prompts.restatement_length).",
     )
     chat_system: str = Field("", description="System message for chat prompts (empty = none).")
     chat_user: str = Field(
@@ -254,7 +269,12 @@ class EvalConfig(Section):
         description="ntp = argmax next token; reasoning = think with the prompt template, then predict (greedy, or eval.samples samples).",
     )
     budget: int | None = Field(
-        None, ge=1, description="Thinking budget in reasoning mode; None = the run's final B_T (none when budget.enabled is off)."
+        None, ge=1, description="Budget stated in reasoning-mode prompts (only templates with {budget_text} state one); None = the run's "
+        "final B_T (none when budget.enabled is off). It does not set the generation cap: see eval.max_response_tokens."
+    )
+    max_response_tokens: int | None = Field(
+        None, ge=1, description="Reasoning mode's generation cap, the same for every model evaluated; None = rollout.max_response_tokens "
+        "(no trained model was allowed more). The table reports the share of responses each row had cut by it."
     )
     samples: int = Field(1, ge=1, description="Samples per position in reasoning mode; 1 = greedy, > 1 adds pass@k.")
     temperature: float = Field(1.0, gt=0.0, description="Temperature when samples > 1.")
@@ -293,9 +313,26 @@ class EmbeddedConfig(Section):
         0.5,
         ge=0.0,
         le=1.0,
-        description="In a thinking base document, chance that a line also holds an empty <think></think> at a uniform position other "
-        "than its answer's start (5-<think></think>1+4=<think>5-1=4;4+4=8</think>8), so that thinking at any position, as RMT "
-        "prompts it, is in distribution: where nothing can be worked out the model closes at once. 0 = corpus format 1.",
+        description="In a thinking base document, chance that a line also holds an empty <think></think> at a uniform position outside "
+        "its answer (5-<think></think>1+4=<think>5-1=4;4+4=8</think>8), so that thinking at any position, as RMT prompts it, is in "
+        "distribution: where nothing can be worked out the model closes at once.",
+    )
+    inside_think: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="In a thinking base document, chance that a line whose answer has two or more characters has its scratchpad after "
+        "part of the answer, with the whole value restated after it (1-5-9=-1<think>1-5=-4;-4-9=-13</think>-13): thinking inside a "
+        "value is then in distribution, and its convention (restate the value) is the one the raw answer rule reads "
+        "(prompt.skip_restatement).",
+    )
+    compact_steps: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="In a thinking base document, chance that a line's steps are written as running results only (8;11;15) instead of "
+        "in full (2+6=8;8+3=11;11+4=15): a shorter way to reason, which a binding token budget can select. All three of "
+        "empty_think, inside_think and compact_steps at 0 = corpus format 1.",
     )
     base_problems: int = Field(240_000, ge=1, description="Problems in the base pre-training split (repeats allowed: it is a stream).")
     midtrain_problems: int = Field(4_000, ge=1, description="Distinct problems in the mid-training split (plain text, JSONL with computed_spans).")
@@ -382,6 +419,10 @@ class PosttrainConfig(Section):
     )
     eval_size: int = Field(200, ge=0, description="Questions held out for evaluation when eval_data is None (0 = none).")
     eval_batch_size: int = Field(64, ge=1, description="Questions generated together (greedy) during evaluation.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Also evaluate every N steps (an accuracy-vs-step curve in eval.json and the metrics); None = only "
+        "before the first step and after the last."
+    )
     verifier: str = Field(
         "auto",
         description="Reward verifier: exact | math_verify | reasoning_gym | a user's 'package.module:function' called as "

@@ -123,6 +123,28 @@ def accuracy_stats(scores: Sequence[Sequence[float]], z: float = 1.96) -> dict:
     return {"n": n, "correct": k, "accuracy": k / n, "ci95": [lo, hi]}
 
 
+def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean paired difference a - b and its percentile bootstrap interval.
+
+    ``a``, ``b``: scores of two rows on the same positions, shape (seeds, positions) (or (positions,) for one
+    seed). Each bootstrap sample draws seeds with replacement, then positions with replacement (the same positions
+    for both rows: the pairing), and takes the mean difference. Returns ``diff``, ``ci`` ([lo, hi]) and ``n``
+    (seeds x positions).
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired scores need the same non-empty shape, got {a.shape} and {b.shape}")
+    d = a - b
+    n_seeds, n_pos = d.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    pos = rng.integers(0, n_pos, size=(n_boot, n_seeds, n_pos))
+    means = d[seeds[:, :, None], pos].mean(axis=(1, 2))
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return {"diff": float(d.mean()), "ci": [float(lo), float(hi)], "n": int(d.size)}
+
+
 def mean_of(values: Sequence[float | None]) -> float | None:
     """Mean of the values present (None when none is)."""
     present = [v for v in values if v is not None]
@@ -294,76 +316,96 @@ def ntp_predictions(model, sequences, items: Sequence[EvalItem], batch_size: int
     return preds
 
 
-def ntp_outcomes(preds: Sequence[int], items: Sequence[EvalItem]) -> list[Outcome]:
-    return [Outcome(exact=[float(p == it.target)]) for p, it in zip(preds, items)]
+def ntp_outcomes(preds: Sequence[int], items: Sequence[EvalItem], decode=None, strip_leading_space: bool = True) -> list[Outcome]:
+    """Exact match of each argmax token by the rule of reasoning mode and the reward (``match_rule``); without
+    ``decode`` (token ids to text) by token id alone."""
+    from rmt.rewards import exact_match_reward
+
+    if decode is None:
+        return [Outcome(exact=[float(p == it.target)]) for p, it in zip(preds, items)]
+    return [
+        Outcome(exact=[exact_match_reward(decode([p]), decode([it.target]), strip_leading_space, prediction_id=p, target_id=it.target)])
+        for p, it in zip(preds, items)
+    ]
 
 
-def score_responses(responses, seq: Sequence[int], pos: int, tokenizer, cfg: RMTConfig) -> tuple[Outcome, list]:
-    """Parse a position's responses and score each with exact match and with RPT's prefix match."""
-    from rmt import prompts, rewards
-    from rmt.collect import PREFIX_CONTINUATION
+def match_rule(cfg: RMTConfig) -> str:
+    """The one rule by which every row of the table is scored (printed under the table)."""
+    rule = "exact = the predicted token is the true next token (the same token id"
+    rule += ", or the same text ignoring leading whitespace)" if cfg.reward.strip_leading_space else ", or the same text)"
+    if cfg.prompt.style == "raw" and cfg.prompt.raw_answer == "first_token":
+        rule += "; reasoning mode reads the first token after </think>"
+        if cfg.prompt.skip_restatement:
+            rule += ", past a restatement of the part of the current value already written"
+    else:
+        rule += "; reasoning mode reads the answer by prompt.raw_answer / the last \\boxed{}"
+    return rule + "; prefix = RPT's prefix match."
 
-    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
-    # The same truths as the trainer's rewards: the next token alone (exact), the next tokens (prefix).
-    next_token = rewards.continuation_pieces(seq[pos : pos + 1], decode)
-    continuation = rewards.continuation_pieces(seq[pos : pos + PREFIX_CONTINUATION], decode)
+
+def score_responses(parsed: Sequence, truncated: Sequence[bool], truth, cfg: RMTConfig) -> Outcome:
+    """Score a position's parsed responses with exact match (RMT's reward rule) and RPT's prefix match."""
+    from rmt import rewards
+
     strip = cfg.reward.strip_leading_space
     out = Outcome(exact=[], prefix=[], think=[], malformed=[], truncated=[])
-    parsed_all = []
-    for resp in responses:
-        parsed = prompts.parse_response(resp.token_ids, tokenizer, cfg.prompt, truncated=resp.truncated)
-        pred = parsed.prediction
-        out.exact.append(0.0 if pred is None else rewards.MATCH_REWARDS["exact"](pred, next_token, strip))
-        out.prefix.append(0.0 if pred is None else rewards.MATCH_REWARDS["prefix"](pred, continuation, strip))
-        out.think.append(parsed.think_tokens)
-        out.malformed.append(not parsed.ok)
-        out.truncated.append(resp.truncated)
-        parsed_all.append(parsed)
-    return out, parsed_all
+    for p, cut in zip(parsed, truncated):
+        pred = p.prediction
+        out.exact.append(0.0 if pred is None else rewards.MATCH_REWARDS["exact"](pred, p.prediction_id, truth, strip))
+        out.prefix.append(0.0 if pred is None else rewards.MATCH_REWARDS["prefix"](pred, p.prediction_id, truth, strip))
+        out.think.append(p.think_tokens)
+        out.malformed.append(not p.ok)
+        out.truncated.append(cut)
+    return out
 
 
 def eval_budget(cfg: RMTConfig) -> int | None:
-    """The thinking budget of reasoning mode: eval.budget, else the run's final B_T (None when the budget is off)."""
+    """The budget stated in reasoning-mode prompts (only where the template states one): eval.budget, else the
+    run's final B_T (None when the budget is off). The generation cap is ``eval_cap``, not this."""
     from rmt.schedules import budget_at
 
     if cfg.eval.budget is not None:
         return cfg.eval.budget
-    if not cfg.budget.enabled:
+    if not cfg.budget.enabled or cfg.budget.b0 == "auto":  # auto: measured per run; state one with eval.budget
         return None
     return budget_at(1, 1, cfg.budget)  # t = T: B_T = max(B_min, floor(B_0 * gamma)), or B_0 when not dynamic
 
 
+def eval_cap(cfg: RMTConfig) -> int:
+    """Reasoning mode's generation cap, the same for every model: eval.max_response_tokens, else
+    rollout.max_response_tokens (no trained model was allowed more)."""
+    return cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens
+
+
 def reasoning_outcomes(cfg: RMTConfig, engine, tokenizer, sequences, items: Sequence[EvalItem], budget: int | None,
                        max_context: int = 1 << 30, bar=None) -> tuple[list[Outcome], list[dict], int]:
-    """Generate, parse and score every item's responses in batches of eval.batch_size prompts.
+    """Generate, parse and score every item's responses in batches of eval.batch_size prompts, by the rule of the
+    training reward (``rmt.collect.roll_out``).
 
     Returns the outcomes (item order), a few example completions, and how many prompts were cut to fit the context.
     """
-    from rmt import schedules
-    from rmt.rollout import StopRule
-    from rmt.collect import build_prompts, stop_rule
+    from rmt.collect import roll_out
 
     for marker in (cfg.prompt.think_open, cfg.prompt.think_close):
         if len(tokenizer.encode(marker, add_special_tokens=False)) != 1:
             raise ModelError(f"reasoning mode needs {marker!r} as a single token of the tokenizer (see prompt.think_open/think_close)")
-    stop: StopRule = stop_rule(cfg, tokenizer)
-    cap = schedules.response_cap(budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)
-    prompt_ids, n_cut = build_prompts(cfg, tokenizer, sequences, [(it.row, it.pos) for it in items], budget, cap, max_context)
     samples = cfg.eval.samples
     temperature = 0.0 if samples == 1 else cfg.eval.temperature
     generator = torch.Generator().manual_seed(cfg.eval.seed) if samples > 1 else None
-    order = sorted(range(len(items)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
+    order = sorted(range(len(items)), key=lambda i: (items[i].row, items[i].pos))  # similar prefixes share a batch
     outcomes: list[Outcome | None] = [None] * len(items)
-    examples, example_tiers = [], set()
+    examples, example_tiers, n_cut = [], set(), 0
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
-    for b in range(0, len(order), cfg.eval.batch_size):
-        idx = order[b : b + cfg.eval.batch_size]
-        groups = engine.generate_groups(
-            [prompt_ids[i] for i in idx], samples, cap, stop=stop, temperature=temperature, top_p=1.0, generator=generator
+    step = cfg.eval.batch_size
+    for b in range(0, len(order), step):
+        idx = order[b : b + step]
+        out = roll_out(
+            cfg, engine, tokenizer, sequences, [(items[i].row, items[i].pos) for i in idx], budget, eval_cap(cfg),
+            group_size=samples, temperature=temperature, generator=generator, batch_size=step, max_context=max_context,
         )
-        for i, group in zip(idx, groups):
+        n_cut += out.prompts_cut
+        for i, group, parsed, truth in zip(idx, out.groups, out.parsed, out.truths):
             it = items[i]
-            outcomes[i], parsed = score_responses(group.responses, sequences[it.row], it.pos, tokenizer, cfg)
+            outcomes[i] = score_responses(parsed, [r.truncated for r in group.responses], truth, cfg)
             if len(examples) < N_EXAMPLES and it.tier not in example_tiers:
                 example_tiers.add(it.tier)
                 seq = sequences[it.row]
@@ -471,22 +513,31 @@ def _signed(x: float | None, baseline: str) -> str:
     return "" if x is None else f" ({'+' if x >= 0 else ''}{100 * x:.1f}% vs {baseline})"
 
 
-def format_table(results: dict, baseline_label: str) -> str:
+def format_table(results: dict, baseline_label: str, rule: str | None = None) -> str:
     """The paper's table: Method | Easy | Medium | Hard | Average (+x% vs baseline) | think length, in percent with
     95% Wilson intervals; then prefix match, pass@k and computed-vs-random tables where they apply."""
-    head = "| Method | Mode | Easy | Medium | Hard | Average | Think len (mean / p90) | Malformed |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    computed = any("computed" in r["overall"] for r in results.values())
+    head = "| Method | Mode | Easy | Medium | Hard | Average |" + (" Computed |" if computed else "")
+    head += " Think len (mean / p90) | Malformed | Cut by cap |"
+    lines = [head, "|---|---|---|---|---|---|" + ("---|" if computed else "") + "---|---|---|"]
     for label, res in results.items():
         avg = _pct(res["average"])
         if label != baseline_label and res["average"] is not None:
             avg += _signed(res.get("relative_change", {}).get("average"), baseline_label)
         think = "–" if res.get("think_len_mean") is None else f"{res['think_len_mean']:.1f} / {res['think_len_p90']:.0f}"
         malformed = "–" if res.get("malformed_frac") is None else f"{_pct(res['malformed_frac'])}%"
-        cells = [_cell(res["tiers"][t]) for t in TIERS]
-        lines.append(f"| {label} | {res.get('mode', '')} | " + " | ".join(cells) + f" | {avg} | {think} | {malformed} |")
+        cut = "–" if res.get("truncated_frac") is None else f"{_pct(res['truncated_frac'])}%"
+        cells = [_cell(res["tiers"][t]) for t in TIERS] + [avg]
+        if computed:
+            cells.append(_cell(res["overall"].get("computed", {})))
+        lines.append(f"| {label} | {res.get('mode', '')} | " + " | ".join(cells) + f" | {think} | {malformed} | {cut} |")
     n = {t: max(r["tiers"][t]["n"] for r in results.values()) for t in TIERS}
+    caps = sorted({r["cap"] for r in results.values() if r.get("cap")})
     lines += ["", "Next-token accuracy (%) with 95% Wilson intervals; positions per tier: "
-              + ", ".join(f"{t} {n[t]}" for t in TIERS) + f". Average = mean of the three tiers; baseline: {baseline_label}."]
+              + ", ".join(f"{t} {n[t]}" for t in TIERS) + f". Average = mean of the three tiers; baseline: {baseline_label}."
+              + (" Computed = all positions (any tier) inside a value the text computes, the tokens reasoning can win." if computed else "")
+              + (f" Reasoning mode: one generation cap for every model, {', '.join(map(str, caps))} tokens." if caps else "")
+              + (f" Scoring: {rule}" if rule else "")]
 
     reasoning = {k: r for k, r in results.items() if r.get("average_prefix") is not None}
     if reasoning:
@@ -587,12 +638,17 @@ def evaluate_model(cfg: RMTConfig, name: str, model, tokenizer, eval_set: dict, 
                     ids = tokenizer.encode(marker, add_special_tokens=False)
                     exclude += ids if len(ids) == 1 else []
             preds = ntp_predictions(model, sequences, items, cfg.eval.batch_size, tokenizer.pad_token_id or 0, exclude, bar)
-            outcomes, examples, n_cut = ntp_outcomes(preds, items), [], 0
+            decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+            outcomes, examples, n_cut = ntp_outcomes(preds, items, decode, cfg.reward.strip_leading_space), [], 0
         else:
             engine = engine or make_engine(cfg, model, tokenizer)
             outcomes, examples, n_cut = reasoning_outcomes(cfg, engine, tokenizer, sequences, items, budget, context_length(model), bar)
-            row.update(budget=budget, samples=cfg.eval.samples, prompts_truncated=n_cut)
+            row.update(budget=budget, cap=eval_cap(cfg), samples=cfg.eval.samples, prompts_truncated=n_cut)
     row.update(summarize(items, outcomes, eval_set.get("has_computed", False)))
+    # Per position, in the order of the evaluation set: what paired comparisons between rows resample.
+    row["per_item"] = {"exact": [round(float(np.mean(o.exact)), 6) for o in outcomes]}
+    if outcomes and outcomes[0].think is not None:
+        row["per_item"]["think"] = [round(float(np.mean(o.think)), 3) for o in outcomes]
     row["seconds"] = time.perf_counter() - t0
     if examples:
         row["examples"] = examples
@@ -638,7 +694,7 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
 
     baseline = resolve_baseline(results, cfg.eval.baseline)
     add_relative_changes(results, baseline)
-    table = format_table(results, baseline)
+    table = format_table(results, baseline, match_rule(cfg))
     evaluation = {
         "format": RESULTS_FORMAT,
         "eval_set": {
@@ -651,6 +707,8 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
         "settings": {
             "modes": modes,
             "budget": budget,
+            "cap": eval_cap(cfg) if "reasoning" in modes else None,
+            "match_rule": match_rule(cfg),
             "samples": cfg.eval.samples,
             "temperature": cfg.eval.temperature if cfg.eval.samples > 1 else 0.0,
             "prompt_style": cfg.prompt.style,

@@ -36,6 +36,7 @@ from rmt import collect, losses
 from rmt.checkpoint import list_checkpoints, load_checkpoint
 from rmt.config import PromptConfig, RMTConfig
 from rmt.errors import DataError, ModelError
+from rmt.fileio import atomic_write_text
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
 from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
@@ -481,21 +482,27 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     engine = collect.make_engine(cfg, model, tokenizer)
     pad_id = tokenizer.pad_token_id or 0
 
-    def run_eval(when: str) -> None:
+    def run_eval(at: int) -> None:
+        """Greedy accuracy on the eval questions at step ``at``: eval.json ("before" = step 0, "after" = step T,
+        and "curve" by step) and eval_* metrics logged at that step."""
         if not eval_qs:
             return
         mine = answer_questions(accelerator.unwrap_model(model), tokenizer, eval_qs[rank::world], cfg, verifier)
         summary = summarize(gather_object(mine) if world > 1 else mine)
         if accelerator.is_main_process:
             path = run_dir / EVAL_FILE
-            results = json.loads(path.read_text()) if path.is_file() and when != "before" else {}
-            results[when] = summary
-            path.write_text(json.dumps(results, indent=2) + "\n")
-            metrics_log.log(0 if when == "before" else T, {f"eval_{k}": v for k, v in summary.items() if k != "accuracy_ci95"})
-        log.info("eval %s: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", when, summary["accuracy"], *summary["accuracy_ci95"], summary["n"])
+            results = json.loads(path.read_text()) if path.is_file() and at > 0 else {}
+            results.setdefault("curve", {})[str(at)] = summary
+            if at == 0:
+                results["before"] = summary
+            if at == T:
+                results["after"] = summary
+            atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+            metrics_log.log(at, {f"eval_{k}": v for k, v in summary.items() if k != "accuracy_ci95"})
+        log.info("eval at step %d: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", at, summary["accuracy"], *summary["accuracy_ci95"], summary["n"])
 
     if start_step == 0:
-        run_eval("before")
+        run_eval(0)
 
     nonfinite_in_a_row = 0
     bar = tqdm(total=T, initial=start_step, desc="posttrain", disable=not accelerator.is_main_process)
@@ -532,11 +539,13 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "rollout_accuracy", "loss") if k in metrics})
             if stop_at is not None and step >= stop_at:
                 stop.requested = True
+            if pcfg.eval_every and step % pcfg.eval_every == 0 and step < T:
+                run_eval(step)
             if step % cfg.train.save_every == 0 or step == T or stop.requested:
                 _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator)
     bar.close()
     if step >= T:  # also when a run stopped between its last checkpoint and its final model
-        run_eval("after")
+        run_eval(T)
         save_final(model, tokenizer, accelerator, run_dir / "final")
         log.info("finished: model saved to %s", run_dir / "final")
     accelerator.end_training()

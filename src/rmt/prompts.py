@@ -16,6 +16,11 @@ is given (budget.enabled); otherwise ``{budget_text}`` is empty.
 Parsing never raises on malformed output: ``parse_response`` classifies it (``ParsedResponse.status``):
 ok | no_close (no </think>) | no_answer (closed, but no answer by the rule) | unbalanced (a \\boxed{ never closes)
 | truncated (the response hit the token cap before it was complete).
+
+Restatement (raw first-token rule, ``prompt.skip_restatement``). A base model asked to think in the middle of a
+number (``...4+6+2=1<think>``) may write the steps and then the whole value (``12``) rather than its next character
+(``2``). The rule reads past a restatement of the part of the current value already written (``current_value_ids``,
+``restatement_length``): the same rule for every model, in the reward and in the evaluation.
 """
 
 from __future__ import annotations
@@ -96,26 +101,78 @@ def last_boxed(text: str) -> tuple[str | None, Status]:
     return (content if status == "ok" else None), status
 
 
-def _first_token(after_text: str, after_ids: list[int], decode: Decode, truncated: bool) -> tuple[str | None, Status]:
-    """The first token after </think> (the raw template's default: the model writes the token right away)."""
-    return (decode(after_ids[:1]), "ok") if after_ids else (None, "no_answer")
+def current_value_ids(prefix_ids: Sequence[int], decode: Decode) -> list[int]:
+    """The trailing tokens of ``prefix_ids`` that hold the part of the current number or word already written.
+
+    A run of tokens whose text is letters and digits (the first may start with whitespace: a word-initial BPE token
+    ends the run), plus a sign (``-``/``+``) right before it when the sign follows something that is not a letter
+    or digit (``=-1`` is the value ``-1``; in ``6-3`` the ``-`` is an operator). A trailing sign alone counts
+    (``=-``). Empty when the prefix does not end inside a number or word.
+    """
+    texts = [decode([int(t)]) for t in prefix_ids]
+    k = len(texts)
+    while k > 0 and texts[k - 1].strip().isalnum():
+        k -= 1
+        if texts[k][:1].isspace():
+            break
+    if k > 0 and texts[k - 1] in ("-", "+") and not (k >= 2 and texts[k - 2][-1:].isalnum()):
+        k -= 1  # a sign, not an operator
+    return [int(t) for t in prefix_ids[k:]]
 
 
-def _boxed(after_text: str, after_ids: list[int], decode: Decode, truncated: bool) -> tuple[str | None, Status]:
-    return last_boxed(after_text)
+def restatement_length(after_ids: Sequence[int], written_ids: Sequence[int], decode: Decode) -> int:
+    """How many tokens at the start of ``after_ids`` restate ``written_ids`` before the answer goes on; 0 for none.
+
+    A restatement counts only when its text equals the written part exactly at a token boundary and the next token
+    continues the value (it exists and is not whitespace): a model that writes the whole value after thinking
+    (``=1<think>...</think>12``) is read as predicting ``2``, while one that writes only the next token (``2``), or
+    the written part and then a newline, is read from its first token.
+    """
+    if not written_ids:
+        return 0
+    written = decode(list(written_ids))
+    for k in range(1, len(after_ids)):
+        text = decode(list(after_ids[:k]))
+        if text == written:
+            return k if decode([int(after_ids[k])]).strip() else 0
+        if not written.startswith(text):
+            break
+    return 0
 
 
-def _line(after_text: str, after_ids: list[int], decode: Decode, truncated: bool) -> tuple[str | None, Status]:
+@dataclass(frozen=True)
+class Answer:
+    """What an answer rule read after </think>: the prediction's text, the token it is (first-token rule only, as
+    an index into the tokens after </think>), and the status."""
+
+    text: str | None
+    status: Status
+    token_index: int | None = None
+
+
+def _first_token(after_text: str, after_ids: list[int], decode: Decode, truncated: bool, written: Sequence[int]) -> Answer:
+    """The first token after </think> (the raw template's default: the model writes the token right away), past a
+    restatement of the part of the current value already written (``restatement_length``; ``written`` is empty
+    when prompt.skip_restatement is off)."""
+    k = restatement_length(after_ids, written, decode)
+    return Answer(decode(after_ids[k : k + 1]), "ok", k) if after_ids else Answer(None, "no_answer")
+
+
+def _boxed(after_text: str, after_ids: list[int], decode: Decode, truncated: bool, written: Sequence[int]) -> Answer:
+    return Answer(*last_boxed(after_text))
+
+
+def _line(after_text: str, after_ids: list[int], decode: Decode, truncated: bool, written: Sequence[int]) -> Answer:
     """The rest of the line after </think> (blank lines right after it skipped; trailing whitespace removed). A line
     cut by the token cap before its newline is not an answer."""
     text = after_text.lstrip("\r\n")
     if "\n" not in text and truncated:
-        return None, "truncated"
+        return Answer(None, "truncated")
     line = text.split("\n", 1)[0].rstrip()
-    return (line, "ok") if line else (None, "no_answer")
+    return Answer(line, "ok") if line else Answer(None, "no_answer")
 
 
-ANSWER_RULES: dict[str, Callable[[str, list[int], Decode, bool], tuple[str | None, Status]]] = {
+ANSWER_RULES: dict[str, Callable[[str, list[int], Decode, bool, Sequence[int]], Answer]] = {
     "first_token": _first_token,
     "boxed": _boxed,
     "line": _line,
@@ -127,6 +184,8 @@ class ParsedResponse:
     status: Status
     prediction: str | None  # the answer when status == "ok", else None
     think_tokens: int  # tokens strictly between <think> and </think> (to the end when never closed)
+    prediction_id: int | None = None  # the predicted token (raw first-token rule), compared by id
+    answer_end: int | None = None  # response tokens up to and including the predicted token (first-token rule)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +199,7 @@ def parse_response(
     *,
     truncated: bool = False,
     eos_ids: Sequence[int] | None = None,
+    written_ids: Sequence[int] = (),
 ) -> ParsedResponse:
     """Read a response: reasoning length, prediction and status.
 
@@ -147,8 +207,10 @@ def parse_response(
     from token ids to text. The response is cut at its first EOS id. Thinking starts after a ``<think>`` in the
     response, or at the response's start when there is none before the first ``</think>`` (the raw prompt already
     ends with ``<think>``). The prediction is read after the first ``</think>``: chat = last \\boxed{}; raw =
-    prompt.raw_answer. ``truncated``: the response stopped at the token cap; an incomplete response is then
-    classified ``truncated`` instead of no_close / no_answer / unbalanced.
+    prompt.raw_answer. ``written_ids``: the part of the current value the prompt's prefix already holds
+    (``current_value_ids``); the first-token rule skips a restatement of it when prompt.skip_restatement is on.
+    ``truncated``: the response stopped at the token cap; an incomplete response is then classified ``truncated``
+    instead of no_close / no_answer / unbalanced.
     """
     decode, eos = _decoder(tokenizer_or_decode, eos_ids)
     ids = [int(i) for i in response_ids]
@@ -177,10 +239,17 @@ def parse_response(
     after_ids = ids[last_marker_token + 1 :]
     after_text = text[close_end : starts[last_marker_token + 1]] + (decode(after_ids) if after_ids else "")
     rule = "boxed" if cfg.style == "chat" else cfg.raw_answer
-    prediction, status = ANSWER_RULES[rule](after_text, after_ids, decode, truncated)
+    written = written_ids if cfg.skip_restatement else ()
+    answer = ANSWER_RULES[rule](after_text, after_ids, decode, truncated, written)
+    status = answer.status
     if status != "ok" and truncated:
         status = "truncated"
-    return ParsedResponse(status, prediction if status == "ok" else None, think_tokens)
+    if status != "ok":
+        return ParsedResponse(status, None, think_tokens)
+    if answer.token_index is None:
+        return ParsedResponse(status, answer.text, think_tokens)
+    at = last_marker_token + 1 + answer.token_index
+    return ParsedResponse(status, answer.text, think_tokens, prediction_id=ids[at], answer_end=at + 1)
 
 
 def _decoder(tokenizer_or_decode, eos_ids: Sequence[int] | None) -> tuple[Decode, set[int]]:

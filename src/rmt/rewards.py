@@ -38,14 +38,21 @@ def length_reward(length: int, budget: int, r_max: float = 1.0) -> float:
     return 0.0
 
 
-def exact_match_reward(prediction: str, target: Piece, strip_leading_space: bool = True) -> float:
-    """RMT's r_match = 1[y = tau_pos]: 1.0 when the prediction is the next token's text, else 0.0.
+def exact_match_reward(prediction: str, target: Piece, strip_leading_space: bool = True, *,
+                       prediction_id: int | None = None, target_id: int | None = None) -> float:
+    """RMT's r_match = 1[y = tau_pos]: 1.0 when the prediction is the next token, else 0.0.
 
-    ``target`` is the decoded next token (bytes are decoded as UTF-8, a partial character becoming U+FFFD). With
-    ``strip_leading_space`` leading whitespace is removed from both sides first (see the module docstring). An empty
-    prediction never matches.
+    The same token id when both ids are known (a raw first-token answer is a token). Otherwise, or when the ids
+    differ, the same text: ``target`` is the decoded next token (bytes are decoded as UTF-8); with
+    ``strip_leading_space`` leading whitespace is removed from both sides first (see the module docstring). A text
+    holding U+FFFD (a token that is only part of a multi-byte character decodes to it) never matches by text: two
+    different partial-character tokens would otherwise be "equal". An empty prediction never matches.
     """
+    if prediction_id is not None and target_id is not None and prediction_id == target_id:
+        return 1.0
     target = target.decode("utf-8", errors="replace") if isinstance(target, bytes) else target
+    if "\ufffd" in prediction or "\ufffd" in target:
+        return 0.0
     if strip_leading_space:
         prediction, target = prediction.lstrip(), target.lstrip()
     return float(prediction != "" and prediction == target)
@@ -95,19 +102,38 @@ def continuation_pieces(token_ids: Sequence[int], decode: Callable[[list[int]], 
     return pieces
 
 
-# --- registry of match rewards: (prediction, continuation, strip_leading_space) -> reward ----------------------
+@dataclass(frozen=True)
+class Truth:
+    """The true continuation at a position, as the match rewards read it: the next token's id and text, and the
+    texts of the next tokens (``continuation_pieces``, for the prefix match)."""
+
+    next_id: int | None
+    next_text: str
+    pieces: tuple[str, ...]
+
+    @classmethod
+    def from_ids(cls, token_ids: Sequence[int], decode: Callable[[list[int]], str]) -> "Truth":
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            return cls(None, "", ())
+        return cls(ids[0], decode(ids[:1]), tuple(continuation_pieces(ids, decode)))
 
 
-def _exact(prediction: str, continuation: Sequence[Piece], strip_leading_space: bool) -> float:
-    return exact_match_reward(prediction, continuation[0], strip_leading_space) if continuation else 0.0
+# --- registry of match rewards: (prediction, prediction id, truth, strip_leading_space) -> reward -----------------
 
 
-def _prefix(prediction: str, continuation: Sequence[Piece], strip_leading_space: bool) -> float:
-    return prefix_match_reward(prediction, continuation, strip_leading_space)
+def _exact(prediction: str, prediction_id: int | None, truth: Truth, strip_leading_space: bool) -> float:
+    if truth.next_id is None:
+        return 0.0
+    return exact_match_reward(prediction, truth.next_text, strip_leading_space, prediction_id=prediction_id, target_id=truth.next_id)
 
 
-MATCH_REWARDS: dict[str, Callable[[str, Sequence[Piece], bool], float]] = {
-    "exact": _exact,  # the next token only: continuation[0]
+def _prefix(prediction: str, prediction_id: int | None, truth: Truth, strip_leading_space: bool) -> float:
+    return prefix_match_reward(prediction, truth.pieces, strip_leading_space)
+
+
+MATCH_REWARDS: dict[str, Callable[[str, int | None, Truth, bool], float]] = {
+    "exact": _exact,  # the next token only
     "prefix": _prefix,  # any whole number of the next tokens
 }
 
@@ -129,17 +155,19 @@ class Reward:
 def response_reward(
     prediction: str | None,
     think_tokens: int,
-    continuation: Sequence[Piece],
+    truth: Truth,
     budget: int | None,
     cfg: RewardConfig,
+    prediction_id: int | None = None,
 ) -> Reward:
     """The reward of one parsed response.
 
-    ``prediction`` None = no parsable answer: every part is 0. ``continuation``: the true next tokens from the RL
-    position on (``exact`` reads only the first). ``budget`` None = no budget in this run: r_len = 0.
+    ``prediction`` None = no parsable answer: every part is 0. ``truth``: the true continuation from the position on
+    (``exact`` reads only the next token; ``prediction_id`` is compared with its id). ``budget`` None = no budget in
+    this run: r_len = 0.
     """
     if prediction is None:
         return Reward(0.0, 0.0, 0.0)
-    r_match = MATCH_REWARDS[cfg.match](prediction, continuation, cfg.strip_leading_space)
+    r_match = MATCH_REWARDS[cfg.match](prediction, prediction_id, truth, cfg.strip_leading_space)
     r_len = 0.0 if budget is None else length_reward(think_tokens, budget, cfg.r_max)
     return Reward(total_reward(r_match, r_len, cfg.length_weight), r_match, r_len)

@@ -14,6 +14,7 @@ draws exactly what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt import collect, losses, schedules
+from rmt import collect, flops, losses, schedules
 from rmt.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint
 from rmt.config import RMTConfig
 from rmt.errors import CheckpointError, DataError
@@ -140,11 +141,11 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     scheduler = make_scheduler(cfg, optimizer, T)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start_step = 0
+    start_step, flops_total = 0, 0.0
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler)
-        start_step = state["step"]
+        start_step, flops_total = state["step"], state.get("flops_total", 0.0)
         log.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, T)
     if start_step >= T:
         log.info("run %s already finished (%d of %d steps); nothing to do", run_dir, start_step, T)
@@ -155,6 +156,8 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
     if cfg.train.tracker != "none":
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
     engine = collect.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
+    if cfg.budget.b0 == "auto":
+        cfg = resolve_auto_b0(cfg, run_dir, data, engine, tokenizer, model, accelerator)
 
     nonfinite_in_a_row = 0
     bar = tqdm(total=T, initial=start_step, desc=f"train {cfg.preset}", disable=not accelerator.is_main_process)
@@ -171,6 +174,8 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
             )
             metrics = reduce_metrics(metrics, accelerator)
             metrics["time_step_s"] = time.perf_counter() - t0
+            flops_total += metrics.get("flops", 0.0)
+            metrics["flops_total"] = flops_total
             if not metrics.pop("finite"):
                 nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
@@ -189,7 +194,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "budget", "ntp_loss") if k in metrics})
             if step % cfg.train.save_every == 0 or step == T or stop.requested:
-                _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator)
+                _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, {"flops_total": flops_total})
     bar.close()
     if step >= T:
         save_final(model, tokenizer, accelerator, run_dir / "final")
@@ -199,7 +204,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
 
 
 # Per-process metrics that add up to the step's value (loss terms are contributions under global normalisers).
-SUM_KEYS = ("loss", "ntp_loss", "rl_loss", "policy_loss", "kl", "ntp_tokens", "rl_tokens", "rl_positions",
+SUM_KEYS = ("loss", "ntp_loss", "rl_loss", "policy_loss", "kl", "ntp_tokens", "rl_tokens", "rl_positions", "flops",
             "tier_easy", "tier_medium", "tier_hard", "prompts_truncated")
 # Per-process means, averaged over the processes that have them.
 MEAN_KEYS = ("reward", "reward_match", "reward_length", "rollout_accuracy", "think_len_mean", "think_len_p90",
@@ -225,14 +230,14 @@ def reduce_metrics(metrics: dict, accelerator) -> dict:
     return out
 
 
-def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator) -> None:
+def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, extra_state: dict | None = None) -> None:
     """Checkpoint from the main process; the full weights are gathered on every process first (FSDP shards them)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_checkpoint(
             run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-            {"preset": cfg.preset}, cfg.train.keep_last, state_dict=state_dict,
+            {"preset": cfg.preset, **(extra_state or {})}, cfg.train.keep_last, state_dict=state_dict,
         )
     accelerator.wait_for_everyone()
 
@@ -312,9 +317,47 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
     ))
     n_tokens = sum(len(s) for s in batch.input_ids) + (rl.num_response_tokens if rl else 0)
     metrics["train_tokens_per_s"] = n_tokens * cfg.grpo.num_iterations / max(metrics["time_train_s"], 1e-9)
+    metrics["flops"] = count_flops(cfg, model, batch, rl, use_ntp, ref_model is not None)
     if torch.cuda.is_available():
         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics, (rl.samples if rl else [])
+
+
+AUTO_B0_FILE = "budget_b0.json"
+
+
+def resolve_auto_b0(cfg: RMTConfig, run_dir: Path, data, engine, tokenizer, model, accelerator) -> RMTConfig:
+    """budget.b0=auto: measure B_0 on the model before the first step (``collect.measure_think_lengths``,
+    ``schedules.auto_b0``), write it to ``budget_b0.json`` in the run folder, and return the config with it. A
+    resumed run reads the file, so it keeps the B_0 it started with."""
+    from rmt.fileio import atomic_write_text
+
+    path = run_dir / AUTO_B0_FILE
+    if accelerator.is_main_process and not path.is_file():
+        if engine is None:
+            raise CheckpointError("budget.b0=auto needs the RL term (train.rl=true) to measure thinking lengths")
+        lengths = collect.measure_think_lengths(cfg, engine, tokenizer, data, max_context=collect.context_length(model))
+        b0 = schedules.auto_b0(lengths, cfg.budget.auto_quantile, cfg.budget.b_min)
+        record = {"b0": b0, "quantile": cfg.budget.auto_quantile, "measured": len(lengths),
+                  "thinking": sum(n > 0 for n in lengths), "mean": float(np.mean(lengths)) if lengths else None}
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        log.info("budget.b0=auto: B_0 = %d (%s)", b0, record)
+    accelerator.wait_for_everyone()
+    b0 = json.loads(path.read_text())["b0"]
+    return cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"b0": b0})})
+
+
+def count_flops(cfg, model, batch, rl, use_ntp: bool, with_ref: bool) -> float:
+    """This process's FLOPs of the step (rmt.flops): training forward and backward, extra forwards, generation."""
+    shape = flops.ModelShape.of(model)
+    pairs = [(len(p), len(r)) for _, p, r, _ in rl.flat()] if rl is not None else []
+    distinct = {tuple(g.prompt_ids) for g in rl.groups} if rl is not None else set()
+    trunks = [len(s) for s in batch.input_ids] if use_ntp else [len(p) for p in distinct]
+    extra = int(cfg.grpo.num_iterations > 1) + int(with_ref)
+    return flops.step_flops(
+        shape, trunks, [pr for pr in pairs if pr[1]], [len(p) for p in distinct], rl.generated if rl is not None else [],
+        extra_forwards=extra if pairs else 0, iterations=cfg.grpo.num_iterations,
+    )["total"]
 
 
 def load_run_state(run_dir: Path) -> dict:

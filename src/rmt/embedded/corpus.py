@@ -34,7 +34,7 @@ from rmt.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMAT = 2  # bump when the written files change for the same config (2: empty think blocks, embedded.empty_think)
+CORPUS_FORMAT = 3  # bump when the written files change for the same config (2: empty think blocks; 3: inside-value scratchpads, compact steps)
 SPLITS = ("base", "midtrain", "eval", "posttrain")
 # Share of the problem space each split may draw from (hash buckets). The held-out splits need distinct problems, so
 # their buckets are larger than their share of the data.
@@ -66,12 +66,12 @@ class Problem:
     def answer(self) -> str:
         return self.entry["answer"]
 
-    def steps(self) -> list[str]:
-        """The worked solution, left to right: ``["5-1=4", "4+4=8"]``."""
+    def steps(self, compact: bool = False) -> list[str]:
+        """The worked solution, left to right: ``["5-1=4", "4+4=8"]``; compact: the running results only, ``["4", "8"]``."""
         acc, out = self.terms[0], []
         for op, t in zip(self.ops, self.terms[1:]):
             new = acc + t if op == "+" else acc - t
-            out.append(f"{acc}{op}{t}={new}")
+            out.append(str(new) if compact else f"{acc}{op}{t}={new}")
             acc = new
         return out
 
@@ -94,31 +94,46 @@ def render_plain(p: Problem) -> tuple[str, tuple[int, int]]:
     return line, (len(line) - len(p.answer), len(line))
 
 
-def render_think(p: Problem, empty_at: int | None = None) -> str:
+def render_think(p: Problem, empty_at: int | None = None, inside_at: int | None = None, compact: bool = False) -> str:
     """``5-1+4=<think>5-1=4;4+4=8</think>8``: the scratchpad in the same form as RMT's rollouts.
 
+    ``inside_at``: the scratchpad comes after character ``inside_at`` of the plain line, strictly inside the answer
+    (part of the value already written), and the whole value is restated after it:
+    ``1-5-9=-1<think>1-5=-4;-4-9=-13</think>-13``. ``compact``: the steps as running results only (``-4;-13``).
     ``empty_at``: also an empty ``<think></think>`` before character ``empty_at`` of the plain line (``len(line)`` =
-    at its end, before the newline); any position but the answer's start, where the scratchpad is.
+    at its end, before the newline); never at or inside the answer, where the scratchpad is.
     """
-    line, (a, _) = render_plain(p)
-    pieces = [line[:a], f"{THINK_OPEN}{';'.join(p.steps())}{THINK_CLOSE}", line[a:]]
+    line, (a, b) = render_plain(p)
+    pad = f"{THINK_OPEN}{';'.join(p.steps(compact))}{THINK_CLOSE}"
+    if inside_at is None:
+        pieces = [line[:a], pad, line[a:]]
+    else:
+        if not a < inside_at < b:
+            raise ValueError(f"position {inside_at} is not inside the answer of {line!r}")
+        pieces = [line[:inside_at], pad, p.answer]
     if empty_at is not None:
-        if not 0 <= empty_at <= len(line) or empty_at == a:
-            raise ValueError(f"empty think position {empty_at} is outside {line!r} or at its answer's start")
+        if not 0 <= empty_at <= len(line) or a <= empty_at < b:
+            raise ValueError(f"empty think position {empty_at} is outside {line!r} or at or inside its answer")
         empty = THINK_OPEN + THINK_CLOSE
         if empty_at < a:
-            pieces[0] = line[:empty_at] + empty + line[empty_at:a]
+            pieces[0] = line[:empty_at] + empty + pieces[0][empty_at:]
         else:
-            pieces[2] = line[a:empty_at] + empty + line[empty_at:]
+            pieces[2] += empty
     return "".join(pieces)
 
 
 def empty_think_position(rng: random.Random, p: Problem, newline: bool) -> int:
-    """A uniform position of the plain line other than its answer's start; its end only when a newline follows
-    (the last line of a document is followed by EOS, never an RL target)."""
-    line, (a, _) = render_plain(p)
-    slots = [i for i in range(len(line) + (1 if newline else 0)) if i != a]
+    """A uniform position of the plain line outside its answer; its end only when a newline follows (the last line
+    of a document is followed by EOS, never an RL target)."""
+    line, (a, b) = render_plain(p)
+    slots = [i for i in range(len(line) + (1 if newline else 0)) if not a <= i < b]
     return rng.choice(slots)
+
+
+def inside_position(rng: random.Random, p: Problem) -> int | None:
+    """A uniform position strictly inside the answer (after its first character), None for a one-character answer."""
+    _, (a, b) = render_plain(p)
+    return rng.randrange(a + 1, b) if b - a > 1 else None
 
 
 def _bucket(seed: int, task: str, key: str) -> str:
@@ -206,10 +221,14 @@ def _seeded_rng(name: str, seed: int) -> random.Random:
 def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
     """Base pre-training documents: each one all-think or all-plain, so a plain context predicts answers directly.
 
-    Lines of thinking documents also get an empty think block with probability ``embedded.empty_think`` (seeded
-    apart, so ``empty_think=0`` writes the format-1 corpus byte for byte).
+    In a thinking document each line has its scratchpad; with probability ``embedded.inside_think`` (lines whose
+    answer has two or more characters) it comes after part of the answer and the whole value is restated; with
+    probability ``embedded.compact_steps`` its steps are running results only; with probability
+    ``embedded.empty_think`` the line also holds an empty block outside its answer. Each choice has its own seeded
+    stream, so setting the three to 0 writes the format-1 corpus byte for byte.
     """
-    rng, empty_rng = _seeded_rng("think", ecfg.seed), _seeded_rng("empty-think", ecfg.seed)
+    rng = _seeded_rng("think", ecfg.seed)
+    empty_rng, inside_rng, compact_rng = (_seeded_rng(name, ecfg.seed) for name in ("empty-think", "inside-think", "compact-steps"))
     docs = []
     for group in _chunks(problems, ecfg.problems_per_doc):
         think = rng.random() < ecfg.think_fraction
@@ -217,7 +236,11 @@ def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
             lines = []
             for i, p in enumerate(group):
                 empty = empty_rng.random() < ecfg.empty_think
-                lines.append(render_think(p, empty_think_position(empty_rng, p, newline=i < len(group) - 1) if empty else None))
+                empty_at = empty_think_position(empty_rng, p, newline=i < len(group) - 1) if empty else None
+                inside = inside_rng.random() < ecfg.inside_think
+                inside_at = inside_position(inside_rng, p) if inside else None
+                compact = compact_rng.random() < ecfg.compact_steps
+                lines.append(render_think(p, empty_at, inside_at, compact))
         else:
             lines = [render_plain(p)[0] for p in group]
         docs.append({"text": "\n".join(lines), "think": think})

@@ -172,14 +172,19 @@ def position_probe(
 
     A position is a text token other than a document's first (the prefix holds at least one token), drawn uniformly
     over all documents with ``seed``. Reasoning mode = RMT's raw prompt (``[bos] prefix <think>``), generate until
-    ``</think>`` (at most ``think_tokens``), then one token: well formed when ``</think>`` came and the token after it
-    is not EOS (RMT's ``first_token`` rule would find no answer otherwise). Direct = the best token other than
-    ``<think>``. Returns, for all positions and per kind (``computed``, ``answer_end``, ``other``): n, well_formed,
+    ``</think>`` (at most ``think_tokens``), then the answer read as RMT reads it: the first token after
+    ``</think>``, past a restatement of the part of the current value already written
+    (``rmt.prompts.restatement_length``); well formed when ``</think>`` came and that token is not EOS. Direct = the
+    best token other than ``<think>``. Returns, for all positions and per kind (``computed``, split into
+    ``computed_first`` and ``computed_later`` characters of a value, ``answer_end``, ``other``): n, well_formed,
     malformed, direct and reasoning accuracy (a malformed response counts as wrong), mean and empty-think share.
     """
+    from rmt.prompts import current_value_ids, restatement_length
+
     open_id, _, pad = _special_ids(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token_id
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
     encoded = []
     for doc in docs:
         enc = tokenizer(doc["text"], add_special_tokens=False, return_offsets_mapping=True)
@@ -191,10 +196,17 @@ def position_probe(
         return {"n": 0}
     prompts = [bos + encoded[d][0][:k] for d, k in sites]
     targets = [encoded[d][0][k] for d, k in sites]
-    kinds = [position_kind(encoded[d][1][k][0], docs[d].get("computed_spans", [])) for d, k in sites]
+    kinds = []
+    for d, k in sites:
+        start, spans = encoded[d][1][k][0], docs[d].get("computed_spans", [])
+        kind = position_kind(start, spans)
+        kinds.append(kind if kind != "computed" else "computed_first" if any(s == start for s, _ in spans) else "computed_later")
+    written = [current_value_ids(p[-16:], decode) for p in prompts]
     direct = generate_ids(model, prompts, 1, [], pad, batch_size, suppress=[open_id])
-    thoughts, answers = think_then_answer(model, tokenizer, [p + [open_id] for p in prompts], 1, think_tokens, batch_size)
-    formed = [a is not None and len(a) > 0 and a[0] != eos for a in answers]
+    width = 1 + max(len(w) for w in written)
+    thoughts, answers = think_then_answer(model, tokenizer, [p + [open_id] for p in prompts], width, think_tokens, batch_size)
+    read = [None if a is None else a[restatement_length(a, w, decode) :][:1] for a, w in zip(answers, written)]
+    formed = [r is not None and len(r) > 0 and r[0] != eos for r in read]
 
     def summary(sel: list[int]) -> dict:
         m = len(sel)
@@ -205,15 +217,18 @@ def position_probe(
             "well_formed": sum(formed[i] for i in sel) / m,
             "malformed": 1 - sum(formed[i] for i in sel) / m,
             "direct_accuracy": sum(direct[i][:1] == [targets[i]] for i in sel) / m,
-            "reasoning_accuracy": sum(formed[i] and answers[i][0] == targets[i] for i in sel) / m,
+            "reasoning_accuracy": sum(formed[i] and read[i][0] == targets[i] for i in sel) / m,
             "mean_think_tokens": sum(len(thoughts[i]) for i in sel) / m,
             "empty_think": sum(formed[i] and not thoughts[i] for i in sel) / m,
         }
 
     out = {"all": summary(list(range(len(sites))))}
     for kind in POSITION_KINDS:
-        out[kind] = summary([i for i, k in enumerate(kinds) if k == kind])
-    out["not_computed"] = summary([i for i, k in enumerate(kinds) if k != "computed"])
+        prefix = kind if kind != "computed" else "computed_"
+        out[kind] = summary([i for i, k in enumerate(kinds) if k.startswith(prefix) or k == kind])
+    out["computed_first"] = summary([i for i, k in enumerate(kinds) if k == "computed_first"])
+    out["computed_later"] = summary([i for i, k in enumerate(kinds) if k == "computed_later"])
+    out["not_computed"] = summary([i for i, k in enumerate(kinds) if not k.startswith("computed")])
     return out
 
 
