@@ -334,6 +334,11 @@ class EmbeddedConfig(Section):
         "in full (2+6=8;8+3=11;11+4=15): a shorter way to reason, which a binding token budget can select. All three of "
         "empty_think, inside_think and compact_steps at 0 = corpus format 1.",
     )
+    novel_terms: int = Field(
+        0, ge=0, le=12, description="Terms of the novel problems mixed into the held-out splits (mid-training, eval, post-training) and "
+        "never shown in the base split: a skill mid-training can add, and post-training then asks for. 0 = none."
+    )
+    novel_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="With novel_terms: share of each held-out split's problems that are novel.")
     base_problems: int = Field(240_000, ge=1, description="Problems in the base pre-training split (repeats allowed: it is a stream).")
     midtrain_problems: int = Field(4_000, ge=1, description="Distinct problems in the mid-training split (plain text, JSONL with computed_spans).")
     eval_problems: int = Field(1_000, ge=1, description="Distinct problems in the evaluation split (plain text, JSONL with computed_spans).")
