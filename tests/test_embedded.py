@@ -58,11 +58,22 @@ def test_render_think_with_an_empty_block():
     assert render_think(p, 0) == f"{empty}1-5-9={pad}-13"
     assert render_think(p, 1) == f"1{empty}-5-9={pad}-13"
     assert render_think(p, 5) == f"1-5-9{empty}={pad}-13"
-    assert render_think(p, 7) == f"1-5-9={pad}-{empty}13"
     assert render_think(p, 9) == f"1-5-9={pad}-13{empty}"
-    for bad in (6, -1, 10):  # the answer's start holds the scratchpad; outside the line
+    for bad in (6, 7, 8, -1, 10):  # at or inside the answer (the scratchpad's place); outside the line
         with pytest.raises(ValueError):
             render_think(p, bad)
+
+
+def test_render_think_inside_the_value_restates_it_and_compact_steps():
+    p = parse_problem(_entry("1 - 5 - 9", "-13"))
+    assert render_think(p, inside_at=7) == "1-5-9=-<think>1-5=-4;-4-9=-13</think>-13"
+    assert render_think(p, inside_at=8) == "1-5-9=-1<think>1-5=-4;-4-9=-13</think>-13"
+    assert render_think(p, compact=True) == "1-5-9=<think>-4;-13</think>-13"
+    assert render_think(p, 2, inside_at=8, compact=True) == "1-<think></think>5-9=-1<think>-4;-13</think>-13"
+    assert render_think(p, 9, inside_at=7) == "1-5-9=-<think>1-5=-4;-4-9=-13</think>-13<think></think>"
+    for bad in (6, 9):  # the value's start (no part written yet) and its end are not inside it
+        with pytest.raises(ValueError):
+            render_think(p, inside_at=bad)
 
 
 def test_parse_rejects_wrong_answer():
@@ -82,7 +93,7 @@ def test_corpus_is_deterministic_and_matches_checked_in_hashes(tmp_path):
     assert got == EXPECTED_SHA256, got
     other = write_corpus(EmbeddedConfig(seed=1, **SMALL), tmp_path / "c")
     assert other["files"]["midtrain"]["sha256"] != got["midtrain"]
-    legacy = write_corpus(EmbeddedConfig(seed=0, empty_think=0.0, **SMALL), tmp_path / "d")
+    legacy = write_corpus(EmbeddedConfig(seed=0, empty_think=0.0, inside_think=0.0, compact_steps=0.0, **SMALL), tmp_path / "d")
     assert legacy["files"]["base"]["sha256"] == FORMAT1_BASE
 
 
@@ -121,13 +132,25 @@ def test_document_formats():
     assert 0.3 < share < 0.7
 
 
-def test_thinking_lines_hold_the_scratchpad_and_sometimes_an_empty_block():
-    """Every thinking line = its format-1 line plus at most one empty block, never at the answer's start, never
-    after the last line of a document; the share of lines with one is embedded.empty_think."""
-    cfg = EmbeddedConfig(seed=0, **{**SMALL, "base_problems": 2_000})
+def _explain(p, line: str, newline: bool):
+    """The (empty_at, inside_at, compact) that render a thinking line, or None."""
+    plain, (a, b) = render_plain(p)
+    empties = [None] + [i for i in range(len(plain) + (1 if newline else 0)) if not a <= i < b]
+    for empty_at in empties:
+        for inside_at in [None, *range(a + 1, b)]:
+            for compact in (False, True):
+                if render_think(p, empty_at, inside_at, compact) == line:
+                    return empty_at, inside_at, compact
+    return None
+
+
+def test_thinking_lines_hold_the_scratchpad_inside_blocks_compact_steps_and_empty_blocks():
+    """Every thinking line is its scratchpad (after '=' or inside the value, restating it; full or compact steps)
+    plus at most one empty block outside the answer, never after the last line of a document; each choice at its
+    configured rate."""
+    cfg = EmbeddedConfig(seed=0, **{**SMALL, "base_problems": 1_500})
     problems = iter(draw_problems(cfg)["base"])
-    with_empty = lines = 0
-    where = set()
+    counts = {"lines": 0, "empty": 0, "inside": 0, "can_inside": 0, "compact": 0}
     for doc in build_corpus(cfg)["base"]:
         text_lines = doc["text"].split("\n")
         for i, line in enumerate(text_lines):
@@ -135,19 +158,35 @@ def test_thinking_lines_hold_the_scratchpad_and_sometimes_an_empty_block():
             if not doc["think"]:
                 assert line == render_plain(p)[0]
                 continue
-            lines += 1
-            if "<think></think>" not in line:
-                assert line == render_think(p)
-                continue
-            with_empty += 1
-            at = line.index("<think></think>")
-            plain_at = len(line[:at].replace(render_think(p)[len(p.expression) + 1 : -len(p.answer)], ""))
-            assert line == render_think(p, plain_at)
-            assert plain_at != len(p.expression) + 1 and line.count("<think>") == 2
-            assert i < len(text_lines) - 1 or plain_at < len(render_plain(p)[0])
-            where.add("before" if plain_at <= len(p.expression) else "answer")
-    assert abs(with_empty / lines - cfg.empty_think) < 0.05, with_empty / lines
-    assert where == {"before", "answer"}
+            how = _explain(p, line, newline=i < len(text_lines) - 1)
+            assert how is not None, line
+            empty_at, inside_at, compact = how
+            counts["lines"] += 1
+            counts["empty"] += empty_at is not None
+            counts["inside"] += inside_at is not None
+            counts["can_inside"] += len(p.answer) > 1
+            counts["compact"] += compact
+    assert abs(counts["empty"] / counts["lines"] - cfg.empty_think) < 0.06, counts
+    assert abs(counts["inside"] / counts["can_inside"] - cfg.inside_think) < 0.06, counts
+    assert abs(counts["compact"] / counts["lines"] - cfg.compact_steps) < 0.06, counts
+
+
+def test_novel_problems_are_in_the_held_out_splits_only():
+    cfg = EmbeddedConfig(seed=0, novel_terms=5, novel_fraction=0.25, **SMALL)
+    corpus = build_corpus(cfg)
+    terms = lambda line: line.split("=")[0].count("+") + line.split("=")[0].count("-") + 1  # noqa: E731  (no signs in operands)
+    base_lines = [ln for d in corpus["base"] for ln in d["text"].split("\n")]
+    assert all(terms(ln.replace("<think></think>", "").split("<think>")[0]) <= 4 for ln in base_lines)
+    for split, n in (("midtrain", SMALL["midtrain_problems"]), ("eval", SMALL["eval_problems"])):
+        lines = [ln for d in corpus[split] for ln in d["text"].split("\n")]
+        assert len(lines) == n and sum(terms(ln) == 5 for ln in lines) == round(0.25 * n)
+    post = corpus["posttrain"]
+    assert len(post) == SMALL["posttrain_problems"] and sum(r["terms"] == 5 for r in post) == round(0.25 * len(post))
+    assert all(score_posttrain(r, r["answer"]) == 1.0 for r in post)
+    # the regular problems are those of the corpus without novel ones, in the same order
+    plain = build_corpus(EmbeddedConfig(seed=0, **SMALL))
+    regular = [ln for d in corpus["eval"] for ln in d["text"].split("\n") if terms(ln) < 5]
+    assert regular == [ln for d in plain["eval"] for ln in d["text"].split("\n")][: len(regular)]
 
 
 def test_posttrain_records_are_verifiable():
