@@ -214,11 +214,14 @@ class Trunk:
 
 @dataclass
 class Row:
-    """One row of the packed batch: trunk[:trunk_len] followed by segments."""
+    """One row of the packed batch: trunk[:trunk_len] followed by segments. ``reads_ntp``: this row reads the
+    sequence's NTP targets (its trunk's first row only; a repeated row may hold the whole sequence too, when a
+    prompt's shared prefix covers it, and must not add them again)."""
 
     trunk: Trunk
     trunk_len: int
     segments: list[Segment] = field(default_factory=list)
+    reads_ntp: bool = False
 
     @property
     def length(self) -> int:
@@ -273,11 +276,11 @@ def dense_tokens_per_pair(config) -> float:
 
 
 def plan_rows(trunks: list[Trunk], k: float) -> list[Row]:
-    """Lay trunks and segments out in rows: a sequence's first row always holds all of it (for NTP); segments,
-    longest shared prefix first, go to the current row or to a new row that repeats trunk[:m]."""
+    """Lay trunks and segments out in rows: a sequence's first row always holds all of it and alone reads its NTP
+    targets; segments, longest shared prefix first, go to the current row or to a new row that repeats trunk[:m]."""
     rows = []
     for trunk in trunks:
-        row = Row(trunk, len(trunk.ids))
+        row = Row(trunk, len(trunk.ids), reads_ntp=trunk.sequence is not None)
         rows.append(row)
         for seg in sorted(trunk.segments, key=lambda s: -s.attach):
             if row.segments and not _append_is_cheaper(row.length, len(seg.tokens), seg.attach, k):
@@ -307,7 +310,7 @@ def pack(rows: list[Row], responses, R: int, pad_id: int) -> Packed:
     for b, row in enumerate(rows):
         t = row.trunk_len
         ids[b, :t], positions[b, :t], owner[b, :t], sees_trunk[b, :t] = row.trunk.ids[:t], range(t), -1, range(1, t + 1)
-        if row.trunk.sequence is not None and t == len(row.trunk.ids):  # the sequence's full row: its NTP targets
+        if row.reads_ntp:  # once per sequence: a gradient read twice would count twice
             ntp.add([b] * (t - 1), range(t - 1), row.trunk.ids[1:t], [row.trunk.sequence] * (t - 1), range(1, t))
         start = t
         for s, seg in enumerate(row.segments):
