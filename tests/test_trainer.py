@@ -265,7 +265,7 @@ def test_rl_raises_the_matching_reward(tmp_path, tiny_model_dir):
         f"model.path={tiny_model_dir}", f"data.prepared_dir={prep}", f"output.dir={tmp_path / 'run'}",
         "train.total_steps=24", "train.sequences_per_step=8", "rollout.group_size=8", "rollout.positions_per_batch=8",
         "rollout.temperature=1.0", "budget.b0=4", "budget.answer_allowance=2", "reward.length_weight=0",
-        "train.lr=3e-3", "train.save_every=100", "curriculum.min_prefix=1",
+        "train.lr=3e-3", "train.save_every=100",
     ])
     rows = read_metrics(trainer.train(cfg, model=model, tokenizer=tok))
     first = np.mean([r["reward_match"] for r in rows[:6]])
