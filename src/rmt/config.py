@@ -109,8 +109,9 @@ class ScoringConfig(Section):
         description="Positions with fewer than this many tokens before them (pos < min_context) are tier ntp_only: "
         "never RL positions, never drawn for evaluation, left out of the quantile boundaries. The first positions "
         "of a sequence (of a chunk cut from a longer document above all) have high entropy because they lack "
-        "context, not because they are hard; and an RL prompt needs a prefix. 8 tokens is about one short "
-        "sentence or one line of the embedded corpus' arithmetic; 1 = only position 0 (which has no prefix).",
+        "context, not because they are hard; and an RL prompt needs a prefix. 1 = only position 0 (no prefix). "
+        "Default 8: on the embedded corpus a chunk's excess entropy fades within about one line (~10 tokens), and 8 "
+        "still keeps almost every computed value of whole documents (benchmarks/bench_min_context.py measures both).",
     )
 
     @model_validator(mode="after")
