@@ -22,6 +22,17 @@ TINY_TEXT = [
 CORPUS_TEXTS = [f"line {i}: the cat sat on the mat, 12+{i}={12 + i}; a fox ran far away. " * (1 + i % 3) for i in range(40)]
 
 
+# The learning rate, as a multiple of train.lr, at steps 0..5 of a 6-step run with 2 warm-up steps, by hand: warm-up
+# t/2; then constant 1, linear (6 - t)/4, cosine (1 + cos(pi (t - 2)/4))/2. It depends on the step only: the same
+# for any number of processes and any grpo.num_iterations.
+LR_WARMUP2_T6 = {
+    "constant": [0.0, 0.5, 1.0, 1.0, 1.0, 1.0],
+    "linear": [0.0, 0.5, 1.0, 0.75, 0.5, 0.25],
+    "cosine": [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466],
+}
+LR_WARMUP2_T6_ARGS = ("train.total_steps=6", "train.warmup_steps=2")
+
+
 def text_corpus(root, model_dir, texts=CORPUS_TEXTS, seq_len: int = 32) -> list[str]:
     """Write ``texts`` to ``root/c.jsonl``; the overrides that point a config at it, the model and ``root/prep``."""
     src = root / "c.jsonl"

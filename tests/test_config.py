@@ -97,3 +97,40 @@ def test_docs_config_reference_is_up_to_date():
 
     doc = Path(__file__).parents[1] / "docs" / "config.md"
     assert doc.read_text() == fields_markdown(), "regenerate with: rmt config --markdown > docs/config.md"
+
+
+def test_a_budget_statement_without_a_slot_is_an_error_naming_both_fields():
+    with pytest.raises(ConfigError) as err:
+        load_config("rmt", ["prompt.raw_budget_text=think {budget} tokens"])
+    assert "prompt.raw_budget_text" in str(err.value) and "prompt.raw_template" in str(err.value)
+    with pytest.raises(ConfigError, match="prompt.raw_template has no"):  # {{budget_text}} is literal text, not a slot
+        load_config("rmt", ["prompt.raw_budget_text=think {budget} tokens", 'prompt.raw_template="{prefix}{{budget_text}}<think>"'])
+    cfg = load_config("rmt", ["prompt.raw_budget_text=think {budget} tokens", 'prompt.raw_template="{prefix} ({budget_text})<think>"'])
+    assert cfg.prompt.raw_budget_text == "think {budget} tokens"
+    # chat: the paper's sentence is on by default, so a user message without the slot must say where it goes
+    with pytest.raises(ConfigError, match="prompt.chat_budget_text is set but prompt.chat_user"):
+        load_config("rmt", ['prompt.chat_user="Next token of: {prefix}"'])
+    assert load_config("rmt", ['prompt.chat_user="Next token of: {prefix}"', 'prompt.chat_budget_text=""']).prompt.chat_budget_text == ""
+
+
+def test_the_default_raw_prompt_does_not_state_the_budget(tiny_model_dir):
+    """How a base model learns its budget: not from the prompt (the default), only through the cap and the length
+    reward; with a slot and a statement, the prompt says it."""
+    from transformers import AutoTokenizer
+
+    from rmt.prompts import build_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prefix = tok.encode("The cat sat", add_special_tokens=False)
+    default = load_config("rmt").prompt
+    assert build_prompt_ids(prefix, tok, default, 17) == build_prompt_ids(prefix, tok, default, None)
+    stated = load_config("rmt", ["prompt.raw_budget_text=think {budget} tokens", 'prompt.raw_template="{prefix} ({budget_text})<think>"']).prompt
+    assert tok.decode(build_prompt_ids(prefix, tok, stated, 17)) == "The cat sat (think 17 tokens)<think>"
+
+
+def test_min_prefix_is_folded_into_scoring_min_context():
+    assert RMTConfig().scoring.min_context == 8
+    with pytest.raises(ConfigError, match="curriculum.min_prefix"):
+        load_config("rmt", ["curriculum.min_prefix=4"])
+    with pytest.raises(ConfigError, match="scoring.min_context"):
+        load_config("rmt", ["scoring.min_context=0"])

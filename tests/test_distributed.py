@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import text_corpus
+from conftest import LR_WARMUP2_T6, LR_WARMUP2_T6_ARGS, text_corpus
 from safetensors.torch import load_file
 
 from rmt.checkpoint import list_checkpoints
@@ -97,3 +97,19 @@ def test_two_process_checkpoint_resumes_in_one_process(corpus, tmp_path):
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], rtol=1e-4, atol=1e-5)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_is_the_same_for_one_and_two_processes(corpus, tmp_path, schedule):
+    """Accelerate's prepared scheduler would step once per process: the schedule is stepped once per training step.
+    The hand-computed values are those of one process (tests/test_trainer.py); one schedule also runs both here."""
+    base, root = corpus
+    if not (root / "prep" / "scored").exists():
+        launch(1, "score", *base)
+    extra = (*LR_WARMUP2_T6_ARGS, f"train.lr_schedule={schedule}", "grpo.num_iterations=2")
+    launch(2, *run_args(base, tmp_path / "two", "ntp", *extra))
+    two = [r["lr"] / 1e-3 for r in read_metrics(tmp_path / "two")]
+    assert two == pytest.approx(LR_WARMUP2_T6[schedule], abs=1e-6)
+    if schedule == "cosine":
+        launch(1, *run_args(base, tmp_path / "one", "ntp", *extra))
+        assert [r["lr"] / 1e-3 for r in read_metrics(tmp_path / "one")] == two

@@ -86,19 +86,19 @@ def test_parse_model_specs():
 # --- the evaluation set --------------------------------------------------------------------------------------
 
 
-def test_draw_positions_is_seeded_and_respects_tiers_and_min_prefix():
+def test_draw_positions_is_seeded_and_respects_tiers():
     rng = np.random.default_rng(0)
     tiers = [rng.integers(0, 4, size=rng.integers(5, 40)).astype(np.int8) for _ in range(30)]
-    a = ev.draw_positions(tiers, per_tier=10, seed=3, min_prefix=4)
-    assert a == ev.draw_positions(tiers, per_tier=10, seed=3, min_prefix=4)
-    assert a != ev.draw_positions(tiers, per_tier=10, seed=4, min_prefix=4)
+    a = ev.draw_positions(tiers, per_tier=10, seed=3)
+    assert a == ev.draw_positions(tiers, per_tier=10, seed=3)
+    assert a != ev.draw_positions(tiers, per_tier=10, seed=4)
     ids = {"easy": EASY, "medium": MEDIUM, "hard": HARD}
     for name, pairs in a.items():
         assert len(pairs) == 10 and len(set(pairs)) == 10 and pairs == sorted(pairs)
-        assert all(p >= 4 and tiers[r][p] == ids[name] for r, p in pairs)
-    # A tier with fewer candidates gives all of them; ntp_only is never drawn.
+        assert all(tiers[r][p] == ids[name] for r, p in pairs)
+    # A tier with fewer candidates gives all of them; ntp_only (e.g. before scoring.min_context) is never drawn.
     few = [np.array([NTP_ONLY] * 5 + [EASY, EASY, HARD], dtype=np.int8)]
-    got = ev.draw_positions(few, per_tier=10, seed=0, min_prefix=4)
+    got = ev.draw_positions(few, per_tier=10, seed=0)
     assert got == {"easy": [(0, 5), (0, 6)], "medium": [], "hard": [(0, 7)]}
 
 
@@ -329,7 +329,7 @@ def test_eval_set_is_fixed_and_rebuilt_only_when_its_identity_changes(scored):
     assert first["has_computed"] and first["counts"] == {"easy": 6, "medium": 6, "hard": 6}
     ds = load_scored(cfg.data.prepared_dir, "eval")
     for it in ev.eval_items(first):
-        assert it.pos >= cfg.curriculum.min_prefix
+        assert it.pos >= cfg.scoring.min_context
         assert ds[it.row]["input_ids"][it.pos] == it.target and ds[it.row]["computed"][it.pos] == it.computed
         assert ev.TIERS[ds[it.row]["tier"][it.pos] - 1] == it.tier
     mtime = path.stat().st_mtime_ns

@@ -221,3 +221,40 @@ def test_a_model_that_fails_the_check_gets_the_plain_path(monkeypatch):
     monkeypatch.setattr(forward, "SHARED_ATTENTION", ())
     assert forward.fast_paths(model) == forward.FastPaths(chunked=True, shared=False)
     assert_same(forward.forward_logprobs(model, seqs, pairs, 0.7), ref)
+
+
+def long_response_batch(seed=2):
+    """A trunk split over several rows: prompts whose shared prefix is the whole sequence (the position's prefix plus
+    a template token that equals the sequence's last token), each with responses long enough that appending them to
+    one row costs more than a new row (``plan_rows``), and a shorter prompt on the same sequence."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 90, (40,), generator=g).tolist(), torch.randint(0, 90, (30,), generator=g).tolist()]
+    pairs = [(list(seqs[0]), torch.randint(0, 97, (60 + k,), generator=g).tolist()) for k in range(3)]
+    pairs += [(seqs[0][:25] + [THINK], torch.randint(0, 97, (55,), generator=g).tolist()) for _ in range(2)]
+    pairs += [(list(seqs[1]), torch.randint(0, 97, (70,), generator=g).tolist()) for _ in range(2)]
+    return seqs, pairs
+
+
+def ntp_grads(model, fn, seqs, pairs, **kw):
+    """Gradients of a weighted sum of the NTP log-probs alone."""
+    model.zero_grad(set_to_none=True)
+    out = fn(model, seqs, pairs, 0.7, 0, **kw)
+    (out.ntp_logprobs * torch.linspace(-1, 1, out.ntp_logprobs.numel()).view_as(out.ntp_logprobs)).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_forward_counts_ntp_once_when_a_trunk_spans_several_rows(attn):
+    model = tiny_llama(attn)
+    seqs, pairs = long_response_batch()
+    rows = forward.plan_rows(forward.plan_trunks(seqs, pairs), forward.dense_tokens_per_pair(model.config))
+    full_rows = [r for r in rows if r.trunk.sequence == 0 and r.trunk_len == len(seqs[0])]
+    assert len(full_rows) >= 3, "the case under test: repeated rows that hold the whole sequence"
+    ref, ref_grads = logprobs_and_grads(model, forward.plain_forward_logprobs, seqs, pairs, chunked=False)
+    out, grads = logprobs_and_grads(model, forward.shared_forward_logprobs, seqs, pairs)
+    assert_same(out, ref, grads, ref_grads)
+    ref_ntp, ntp = ntp_grads(model, forward.plain_forward_logprobs, seqs, pairs, chunked=False), ntp_grads(
+        model, forward.shared_forward_logprobs, seqs, pairs)
+    for name in ref_ntp:
+        ratio = ntp[name].norm() / ref_ntp[name].norm().clamp(min=1e-12)
+        assert ratio == pytest.approx(1.0, abs=1e-4), (name, float(ratio))

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from conftest import LR_WARMUP2_T6
 from rmt.config import load_config
 from rmt.errors import DataError
 from rmt.posttrain import (
@@ -234,6 +235,18 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(warm_m
     assert [r["reward"] for r in read_metrics(part)] == [r["reward"] for r in read_metrics(whole)]
     a, b = load_file(str(whole / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_depends_on_the_step_only_and_resumes(warm_model_dir, tmp_path):
+    """One scheduler step per post-training step with grpo.num_iterations = 2, across a resume."""
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(16, 2))
+    opts = ("posttrain.steps=6", "train.warmup_steps=2", "train.lr_schedule=linear", "grpo.num_iterations=2",
+            "posttrain.questions_per_step=2", "rollout.group_size=2", "posttrain.lr=1e-3", "train.save_every=100")
+    run = tmp_path / "run"
+    posttrain(_cfg(warm_model_dir, data, run, *opts), stop_at=3)
+    posttrain(_cfg(warm_model_dir, data, run, *opts))
+    lrs = [r["lr"] / 1e-3 for r in read_metrics(run) if "lr" in r]
+    assert lrs == pytest.approx(LR_WARMUP2_T6["linear"], abs=1e-6)
 
 
 def test_evaluate_questions_reports_accuracy_interval_length_and_malformed(warm_model_dir):

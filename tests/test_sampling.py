@@ -10,14 +10,14 @@ from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY
 P = (0.6, 0.3, 0.1)
 
 
-def _check(selection, tiers, valid, min_prefix, per_seq):
-    """Invariants of every draw: only RL tiers, after min_prefix, valid, distinct, at most per_seq per sequence,
-    and the NTP mask is exactly valid & pos >= 1 & not in C."""
+def _check(selection, tiers, valid, per_seq):
+    """Invariants of every draw: only RL tiers, pos >= 1, valid, distinct, at most per_seq per sequence, and the NTP
+    mask is exactly valid & pos >= 1 & not in C."""
     positions = selection.positions
     assert len(set(positions)) == len(positions) and positions == sorted(positions)
     for (b, pos), tier in zip(positions, selection.tiers):
         assert tiers[b, pos] == tier != NTP_ONLY
-        assert pos >= max(1, min_prefix) and valid[b, pos]
+        assert pos >= 1 and valid[b, pos]
     counts = np.bincount([b for b, _ in positions], minlength=tiers.shape[0])
     assert (counts <= per_seq).all()
     expected = np.asarray(valid, dtype=bool).copy()
@@ -29,19 +29,19 @@ def _check(selection, tiers, valid, min_prefix, per_seq):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.integers(1, 5), st.integers(1, 20), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**32 - 1),
+    st.integers(1, 5), st.integers(1, 20), st.integers(1, 4), st.integers(0, 2**32 - 1),
     st.lists(st.floats(0, 1), min_size=3, max_size=3).filter(lambda p: sum(p) > 0),
 )
-def test_draws_respect_every_rule(n_seq, length, min_prefix, per_seq, seed, probs):
+def test_draws_respect_every_rule(n_seq, length, per_seq, seed, probs):
     rng = np.random.default_rng(seed)
     tiers = rng.integers(0, 4, size=(n_seq, length)).astype(np.int8)
     valid = rng.random((n_seq, length)) > 0.2
     selection = sample_rl_set(
-        tiers, probs, np.random.default_rng(seed), valid=valid, positions_per_sequence=per_seq, min_prefix=min_prefix
+        tiers, probs, np.random.default_rng(seed), valid=valid, positions_per_sequence=per_seq
     )
-    _check(selection, tiers, valid, min_prefix, per_seq)
+    _check(selection, tiers, valid, per_seq)
     # a sequence stops early only when the tiers it has left all have probability 0
-    candidates = rl_candidates(tiers, valid, min_prefix)
+    candidates = rl_candidates(tiers, valid)
     for b in range(n_seq):
         taken = sum(1 for s, _ in selection.positions if s == b)
         if taken < per_seq:
@@ -62,10 +62,13 @@ def test_renormalises_over_non_empty_tiers():
     assert sel.positions == [(b, 1) for b in range(50)]  # the only easy position; the hard ones have p = 0
 
 
-def test_min_prefix_and_no_candidates():
+def test_the_tiers_alone_decide_and_no_candidates():
     tiers = np.full((3, 8), HARD, dtype=np.int8)
-    sel = sample_rl_set(tiers, P, np.random.default_rng(1), positions_per_sequence=8, min_prefix=5)
+    tiers[:, :5] = NTP_ONLY  # what scoring.min_context=5 makes of the first five positions
+    sel = sample_rl_set(tiers, P, np.random.default_rng(1), positions_per_sequence=8)
     assert sorted(p for _, p in sel.positions) == [5, 5, 5, 6, 6, 6, 7, 7, 7]  # without replacement: all of them
+    sel = sample_rl_set(np.full((1, 4), EASY, dtype=np.int8), P, np.random.default_rng(1), positions_per_sequence=8)
+    assert sel.positions == [(0, 1), (0, 2), (0, 3)]  # never position 0, whatever its tier: a prompt needs a prefix
     sel = sample_rl_set(np.zeros((2, 5), dtype=np.int8), P, np.random.default_rng(1))
     assert sel.positions == [] and sel.ntp_mask.sum() == 2 * 4
 
@@ -73,7 +76,7 @@ def test_min_prefix_and_no_candidates():
 def test_same_seed_same_set_for_both_generator_kinds():
     rng = np.random.default_rng(7)
     tiers = torch.from_numpy(rng.integers(0, 4, size=(16, 40)).astype(np.int8))
-    kwargs = dict(positions_per_sequence=3, min_prefix=4)
+    kwargs = dict(positions_per_sequence=3)
     a = sample_rl_set(tiers, P, torch.Generator().manual_seed(3), **kwargs)
     b = sample_rl_set(tiers, P, torch.Generator().manual_seed(3), **kwargs)
     c = sample_rl_set(tiers, P, torch.Generator().manual_seed(4), **kwargs)
@@ -91,7 +94,7 @@ def test_cap_keeps_a_subset():
     capped = sample_rl_set(tiers, P, np.random.default_rng(5), positions_per_sequence=2, max_positions=7)
     assert len(full.positions) == 40 and len(capped.positions) == 7
     assert set(capped.positions) <= set(full.positions)
-    _check(capped, tiers, np.ones_like(tiers, dtype=bool), 1, 2)
+    _check(capped, tiers, np.ones_like(tiers, dtype=bool), 2)
 
 
 def test_ragged_sequences():

@@ -72,6 +72,25 @@ def test_assign_tiers_by_hand():
     assert tiers.tolist() == [NTP_ONLY, NTP_ONLY, EASY, EASY, MEDIUM, MEDIUM, HARD, HARD, NTP_ONLY]
 
 
+def test_positions_before_min_context_are_ntp_only_by_hand():
+    ent = np.array([np.nan, 3.0, 0.7, 1.2, 3.0, 0.7, 1.2, 0.1])
+    elig = np.ones(8, dtype=bool)
+    assert assign_tiers(ent, elig, (0.5, 1.0, 1.5), min_context=1).tolist() == [
+        NTP_ONLY, HARD, EASY, MEDIUM, HARD, EASY, MEDIUM, NTP_ONLY]
+    assert assign_tiers(ent, elig, (0.5, 1.0, 1.5), min_context=4).tolist() == [
+        NTP_ONLY, NTP_ONLY, NTP_ONLY, NTP_ONLY, HARD, EASY, MEDIUM, NTP_ONLY]
+    assert (assign_tiers(ent, elig, (0.5, 1.0, 1.5), min_context=100) == NTP_ONLY).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 10) | st.just(float("nan")), min_size=1, max_size=40), st.integers(1, 45))
+def test_min_context_only_removes_the_first_positions(values, min_context):
+    ent = np.array(values)
+    plain = assign_tiers(ent, np.ones(len(ent), bool), (0.5, 1.0, 1.5))
+    cut = assign_tiers(ent, np.ones(len(ent), bool), (0.5, 1.0, 1.5), min_context)
+    assert (cut[:min_context] == NTP_ONLY).all() and np.array_equal(cut[min_context:], plain[min_context:])
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(0, 10), min_size=2, max_size=40))
 def test_tiers_are_monotone_in_entropy(values):
@@ -111,6 +130,38 @@ def test_score_corpus_writes_tiers_and_summary(prepared, tmp_path):
     total = sum(len(x) for x in train["input_ids"])
     assert sum(summary["splits"]["train"].values()) == total
     assert sum(summary["histogram"]["counts"]) == summary["eligible_train_positions"]
+
+
+def test_min_context_moves_the_first_positions_to_ntp_only_and_the_summary_counts_them(prepared, monkeypatch):
+    cfg = prepared("scoring.min_context=1")
+    before = score_corpus(cfg)
+    assert before["excluded_by_min_context"]["train"] == {"easy": 0, "medium": 0, "hard": 0}
+    calls = {"n": 0}
+    real = scoring.score_batch
+    monkeypatch.setattr(scoring, "score_batch", lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k))
+    after = score_corpus(cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"min_context": 6})}))
+    assert calls["n"] == 0, "changing min_context re-tiers the stored entropies; no model pass"
+    assert after["min_context"] == 6
+    for split in ("train", "eval"):
+        excluded = after["excluded_by_min_context"][split]
+        assert sum(excluded.values()) > 0
+        for tier in ("easy", "medium", "hard"):
+            assert after["splits"][split][tier] == before["splits"][split][tier] - excluded[tier]
+        assert after["splits"][split]["ntp_only"] == before["splits"][split]["ntp_only"] + sum(excluded.values())
+        for tiers in load_scored(cfg.data.prepared_dir, split)["tier"]:
+            assert all(t == NTP_ONLY for t in tiers[:6])
+    assert after["eligible_train_positions"] == before["eligible_train_positions"] - sum(after["excluded_by_min_context"]["train"].values())
+    assert "min_context 6 kept" in scoring.format_summary(after)
+
+
+def test_quantile_boundaries_leave_out_the_positions_before_min_context(prepared):
+    cfg = prepared("scoring.tier_rule=quantile", "scoring.min_context=6")
+    summary = score_corpus(cfg)
+    train = load_scored(cfg.data.prepared_dir, "train")
+    table = eligible_token_table(AutoTokenizer.from_pretrained(cfg.model.path), 10_000)
+    kept = np.concatenate([np.asarray(e)[6:][table[np.asarray(ids)][6:] & np.isfinite(np.asarray(e)[6:])]
+                           for ids, e in zip(train["input_ids"], train["entropy"])])
+    assert summary["thresholds"] == pytest.approx(list(quantile_thresholds(kept, cfg.scoring.quantiles)), abs=1e-8)
 
 
 def test_quantile_rule_spreads_positions_over_tiers(prepared):

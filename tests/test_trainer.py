@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import text_corpus
+from conftest import LR_WARMUP2_T6, LR_WARMUP2_T6_ARGS, text_corpus
 from safetensors.torch import load_file
 
 import rmt.trainer as trainer
@@ -105,6 +105,34 @@ def test_budget_and_curriculum_follow_the_schedule(corpus, tmp_path):
         p = schedules.curriculum_probs(t, 5, cfg.curriculum.p_early, cfg.curriculum.p_late, 0.3, 0.7)
         assert (r["p_easy"], r["p_medium"], r["p_hard"]) == pytest.approx(p)
     assert rows[0]["budget"] == 8 and rows[-1]["budget"] < 8
+
+
+@pytest.mark.parametrize(("preset", "schedule", "mu"), [
+    ("ntp", "constant", 1), ("ntp", "constant", 2), ("ntp", "linear", 1), ("ntp", "linear", 2),
+    ("ntp", "cosine", 1), ("ntp", "cosine", 2), ("rmt", "cosine", 2),
+])
+def test_learning_rate_depends_on_the_step_only(corpus, tmp_path, preset, schedule, mu):
+    """One scheduler step per training step, whatever grpo.num_iterations (mu optimizer steps per training step)."""
+    cfg = run_cfg(corpus, tmp_path, preset, *LR_WARMUP2_T6_ARGS, f"train.lr_schedule={schedule}", f"grpo.num_iterations={mu}")
+    lrs = [r["lr"] / cfg.train.lr for r in read_metrics(trainer.train(cfg))]
+    assert lrs == pytest.approx(LR_WARMUP2_T6[schedule], abs=1e-6)
+
+
+def test_learning_rate_resumes_exactly(corpus, tmp_path, monkeypatch):
+    cfg = run_cfg(corpus, tmp_path, "ntp", *LR_WARMUP2_T6_ARGS, "train.lr_schedule=cosine", "grpo.num_iterations=2")
+    real_step = trainer.train_step
+
+    def crash_on_fourth_step(*args, **kwargs):
+        if args[1] == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", crash_on_fourth_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train(cfg)
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    lrs = [r["lr"] / cfg.train.lr for r in read_metrics(trainer.train(cfg))]  # resumed from the step-2 checkpoint
+    assert lrs == pytest.approx(LR_WARMUP2_T6["cosine"], abs=1e-6)
 
 
 def test_ntp_mask_excludes_exactly_the_rl_set(corpus, tiny_model_dir):
@@ -280,7 +308,7 @@ def test_rl_raises_the_matching_reward(tmp_path, tiny_model_dir):
         f"model.path={tiny_model_dir}", f"data.prepared_dir={prep}", f"output.dir={tmp_path / 'run'}",
         "train.total_steps=24", "train.sequences_per_step=8", "rollout.group_size=8", "rollout.positions_per_batch=8",
         "rollout.temperature=1.0", "budget.b0=4", "budget.answer_allowance=2", "reward.length_weight=0",
-        "train.lr=3e-3", "train.save_every=100", "curriculum.min_prefix=1",
+        "train.lr=3e-3", "train.save_every=100",
     ])
     rows = read_metrics(trainer.train(cfg, model=model, tokenizer=tok))
     first = np.mean([r["reward_match"] for r in rows[:6]])

@@ -122,8 +122,7 @@ def select_positions(cfg: RMTConfig, global_tiers, probs, generator, rank: int =
     """
     full = sampling.sample_rl_set(
         global_tiers, probs, generator,
-        positions_per_sequence=cfg.curriculum.positions_per_sequence, min_prefix=cfg.curriculum.min_prefix,
-        max_positions=cfg.curriculum.max_positions_per_batch,
+        positions_per_sequence=cfg.curriculum.positions_per_sequence, max_positions=cfg.curriculum.max_positions_per_batch,
     )
     if world == 1:
         return full

@@ -9,6 +9,7 @@ errors (a typo is never silently ignored) and every error names the field and th
 from __future__ import annotations
 
 import math
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,11 @@ class DataConfig(Section):
 
 
 class ScoringConfig(Section):
+    """`rmt score`: entropy of every position under a reference model, and the tiers (SPEC section 2, step 1). Tier
+    settings (thresholds, quantiles, min_context) take effect when `rmt score` writes the scored corpus; training,
+    evaluation and the tier counts all read those stored tiers. Run `rmt score` again after changing them: the
+    entropies are kept and only the tiers are recomputed."""
+
     reference_model: str | None = Field(
         None, description="Model that scores entropy. None = the model being trained (the paper); a smaller proxy as in RPT."
     )
@@ -97,6 +103,16 @@ class ScoringConfig(Section):
     quantiles: tuple[float, float, float] = Field(
         (0.5, 0.75, 0.9), description="With tier_rule=quantile: the entropy quantiles used as the three boundaries."
     )
+    min_context: int = Field(
+        8,
+        ge=1,
+        description="Positions with fewer than this many tokens before them (pos < min_context) are tier ntp_only: "
+        "never RL positions, never drawn for evaluation, left out of the quantile boundaries. The first positions "
+        "of a sequence (of a chunk cut from a longer document above all) have high entropy because they lack "
+        "context, not because they are hard; and an RL prompt needs a prefix. 1 = only position 0 (no prefix). "
+        "Default 8: on the embedded corpus a chunk's excess entropy fades within about one line (~10 tokens), and 8 "
+        "still keeps almost every computed value of whole documents (benchmarks/bench_min_context.py measures both).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "ScoringConfig":
@@ -110,7 +126,11 @@ class ScoringConfig(Section):
 
 
 class BudgetConfig(Section):
-    enabled: bool = Field(True, description="Put a thinking budget in the prompt and cap generation at 2*B_t + answer allowance.")
+    enabled: bool = Field(
+        True,
+        description="Use the thinking budget B_t: cap generation at 2*B_t + answer_allowance, and state B_t in the prompt where "
+        "its template has a {budget_text} slot (chat by default; raw only when asked, see prompt).",
+    )
     dynamic: bool = Field(True, description="Decay the budget B_t = max(B_min, floor(B_0 * gamma^(t/T))); off = fixed B_0 (ablation rmt-no-dtb).")
     b0: int | Literal["auto"] = Field(
         800,
@@ -144,8 +164,10 @@ class CurriculumConfig(Section):
     knots: list[tuple[float, Probs]] | None = Field(
         None, description="General schedule: [(fraction, (easy, medium, hard)), ...], linear between knots. Overrides p_early/p_late/t1/t2."
     )
-    positions_per_sequence: int = Field(1, ge=1, description="RL positions drawn from each sequence of a batch (at most).")
-    min_prefix: int = Field(4, ge=1, description="Positions before this index are never RL positions (the prompt needs a prefix).")
+    positions_per_sequence: int = Field(
+        1, ge=1, description="RL positions drawn from each sequence of a batch (at most), among its easy/medium/hard positions "
+        "(so never before scoring.min_context)."
+    )
     max_positions_per_batch: int | None = Field(
         None, ge=1, description="Cap on RL positions per process batch; a uniform random subset of those drawn is kept (None = no cap)."
     )
@@ -168,11 +190,24 @@ class CurriculumConfig(Section):
 
 
 class PromptConfig(Section):
+    """Prompts of the RL positions. How the model learns its budget B_t: a chat model is told it in the prompt
+    (chat_budget_text, the paper's sentence). A base model (style raw) is by default not told: the default raw
+    template `{prefix}<think>` has no {budget_text} slot, so B_t acts only through the generation cap
+    (2*B_t + budget.answer_allowance thinking-and-answer tokens) and the length reward. To state it, put
+    {budget_text} in raw_template and set raw_budget_text (e.g. raw_template='{prefix} ({budget_text})<think>',
+    raw_budget_text='think in {budget} tokens'). A budget text with no slot in its template is rejected."""
+
     style: Literal["raw", "chat"] = Field("raw", description="raw = base-model template; chat = the tokenizer's chat template (instruct models).")
     raw_template: str = Field(
-        "{prefix}<think>", description="Raw prompt; {prefix} is the corpus prefix, {budget_text} the rendered budget statement."
+        "{prefix}<think>",
+        description="Raw prompt (base models); {prefix} is the corpus prefix, {budget_text} the rendered raw_budget_text. "
+        "The default has no {budget_text}: the budget is not stated, it acts through the generation cap and the length reward.",
     )
-    raw_budget_text: str = Field("", description="Budget statement for raw prompts, with {budget}; empty = not stated (base models rarely follow it).")
+    raw_budget_text: str = Field(
+        "",
+        description="Budget statement for raw prompts, with {budget} = B_t; needs a {budget_text} slot in raw_template (else "
+        "a config error). Empty = not stated (the default: base models rarely follow such a sentence).",
+    )
     raw_answer: Literal["first_token", "boxed", "line"] = Field(
         "first_token",
         description="How a raw response's prediction is read after </think>: its first token, the last \\boxed{}, or the rest of the line.",
@@ -194,6 +229,25 @@ class PromptConfig(Section):
     )
     think_open: str = Field("<think>", description="Opening thinking marker.")
     think_close: str = Field("</think>", description="Closing thinking marker.")
+
+    @model_validator(mode="after")
+    def _budget_slots(self) -> "PromptConfig":
+        """A budget statement that no template slot receives would be silently ignored: a config error."""
+        for text, template in (("raw_budget_text", "raw_template"), ("chat_budget_text", "chat_user")):
+            if getattr(self, text) and "budget_text" not in _template_slots(getattr(self, template)):
+                raise ValueError(
+                    f"prompt.{text} is set but prompt.{template} has no {{budget_text}} slot, so the budget statement "
+                    f"would never reach the prompt: add {{budget_text}} to prompt.{template}, or set prompt.{text} to ''"
+                )
+        return self
+
+
+def _template_slots(template: str) -> set[str]:
+    """The {names} a format string fills in (literal {{braces}} excluded); empty for a malformed one."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError:
+        return set()
 
 
 class RolloutConfig(Section):
@@ -505,6 +559,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the allowed values."""
 
 
+# Fields that were replaced: the message points to the new one.
+RENAMED = {"curriculum.min_prefix": "scoring.min_context (tiers, set when `rmt score` runs)"}
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -512,6 +570,8 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `rmt config --fields` for every field)"
+            if loc in RENAMED:
+                msg = f"replaced by {RENAMED[loc]}"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         got = e.get("input")
@@ -624,6 +684,13 @@ def describe_fields(model: type[BaseModel] = RMTConfig, prefix: str = "") -> lis
     return rows
 
 
+def _section_doc(section: str) -> str:
+    """The docstring of a section's class, as one paragraph (none for plain fields and undocumented sections)."""
+    ann = RMTConfig.model_fields[section].annotation
+    doc = ann.__dict__.get("__doc__") if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return " ".join(doc.split()) if doc else ""
+
+
 def fields_markdown() -> str:
     """docs/config.md: every field with its default and description, one table per section."""
     out = [
@@ -636,6 +703,9 @@ def fields_markdown() -> str:
     for name, default, desc in describe_fields():
         if name.split(".")[0] != section:
             section = name.split(".")[0]
-            out += ["", f"## `{section}`", "", "| field | default | description |", "|---|---|---|"]
+            out += ["", f"## `{section}`", ""]
+            doc = _section_doc(section)
+            out += [doc, ""] if doc else []
+            out += ["| field | default | description |", "|---|---|---|"]
         out.append(f"| `{name}` | `{default}` | {desc.replace('|', '/')} |")
     return "\n".join(out) + "\n"

@@ -1,7 +1,8 @@
 """`rmt eval`: next-token accuracy by entropy tier on a fixed set of held-out positions (SPEC sections 4 and 8).
 
 **The evaluation set.** ``eval.positions_per_tier`` positions per RL tier (easy, medium, hard), drawn with
-``eval.seed`` from the scored eval split among positions >= ``curriculum.min_prefix``. Position ``pos`` of a row
+``eval.seed`` from the scored eval split's easy/medium/hard positions (never before ``scoring.min_context``, which
+scoring makes ntp_only, as for the RL positions). Position ``pos`` of a row
 means: predict ``ids[pos]`` from ``ids[:pos]``. The set is stored in ``{data.prepared_dir}/eval_set.json`` with the
 identity of what it was drawn from (a digest of the eval split's tokens, tiers and computed flags, the tier rule and
 thresholds, the draw settings) and rebuilt only when that identity changes, so every model and every method is
@@ -165,7 +166,7 @@ class EvalItem:
     target: int
 
 
-def draw_positions(tiers: Sequence[np.ndarray], per_tier: int, seed: int, min_prefix: int) -> dict[str, list[tuple[int, int]]]:
+def draw_positions(tiers: Sequence[np.ndarray], per_tier: int, seed: int) -> dict[str, list[tuple[int, int]]]:
     """(row, pos) pairs per RL tier, at most ``per_tier`` each, uniformly without replacement, sorted.
 
     Pure and deterministic: the same tiers, seed and settings give the same positions. Each tier draws from its own
@@ -176,7 +177,6 @@ def draw_positions(tiers: Sequence[np.ndarray], per_tier: int, seed: int, min_pr
         rows, poss = [], []
         for r, t in enumerate(tiers):
             hit = np.flatnonzero(np.asarray(t) == tier_id)
-            hit = hit[hit >= min_prefix]
             rows.append(np.full(hit.size, r, dtype=np.int64))
             poss.append(hit.astype(np.int64))
         rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
@@ -208,7 +208,7 @@ def eval_set_identity(cfg: RMTConfig, ds) -> dict:
         "format": EVAL_SET_FORMAT,
         "positions_per_tier": cfg.eval.positions_per_tier,
         "seed": cfg.eval.seed,
-        "min_prefix": cfg.curriculum.min_prefix,
+        "min_context": summary.get("min_context"),
         "tier_rule": summary.get("tier_rule"),
         "thresholds": summary.get("thresholds"),
         "rows": len(ds),
@@ -233,7 +233,7 @@ def load_eval_set(cfg: RMTConfig, ds=None) -> dict:
         log.info("%s was drawn from other scores or settings; drawing it again", path)
 
     tiers = [np.asarray(t, dtype=np.int8) for t in ds["tier"]]
-    drawn = draw_positions(tiers, cfg.eval.positions_per_tier, cfg.eval.seed, cfg.curriculum.min_prefix)
+    drawn = draw_positions(tiers, cfg.eval.positions_per_tier, cfg.eval.seed)
     needed = sorted({r for pairs in drawn.values() for r, _ in pairs})
     picked = ds.select(needed) if needed else None
     rows = {r: (ids, comp) for r, ids, comp in zip(needed, picked["input_ids"], picked["computed"])} if needed else {}
@@ -670,7 +670,7 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
     eval_set = load_eval_set(cfg, ds)
     items = eval_items(eval_set)
     if not items:
-        raise DataError(f"the eval split of {cfg.data.prepared_dir} has no RL-tier position at or after curriculum.min_prefix")
+        raise DataError(f"the eval split of {cfg.data.prepared_dir} has no easy, medium or hard position (see scoring.min_context)")
     needed = sorted({it.row for it in items})
     sequences = dict(zip(needed, ds.select(needed)["input_ids"]))
 

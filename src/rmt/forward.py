@@ -34,6 +34,7 @@ B x L x V floats for a 151,936-token vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable
@@ -169,12 +170,13 @@ def _pad(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Ten
 
 
 def plain_forward_logprobs(model, sequences, responses, temperature: float, pad_id: int = 0, *,
-                           chunked: bool = True) -> ForwardOut:
+                           chunked: bool = True, read_ntp: bool = True) -> ForwardOut:
     """The reference: a forward over the right-padded sequences, and one over the left-padded prompt + response
-    rows (each prompt computed once per response). ``chunked=False`` reads full logits (the original path)."""
+    rows (each prompt computed once per response). ``chunked=False`` reads full logits (the original path).
+    ``read_ntp=False``: the response log-probs only (the sequences' forward is skipped)."""
     device = model_device(model)
     ntp = resp = resp_mask = None
-    if sequences:
+    if sequences and read_ntp:
         ids, mask = _pad(sequences, pad_id, left=False, device=device)
         reads = Reads()
         for b, s in enumerate(sequences):
@@ -214,11 +216,14 @@ class Trunk:
 
 @dataclass
 class Row:
-    """One row of the packed batch: trunk[:trunk_len] followed by segments."""
+    """One row of the packed batch: trunk[:trunk_len] followed by segments. ``reads_ntp``: this row reads the
+    sequence's NTP targets (its trunk's first row only; a repeated row may hold the whole sequence too, when a
+    prompt's shared prefix covers it, and must not add them again)."""
 
     trunk: Trunk
     trunk_len: int
     segments: list[Segment] = field(default_factory=list)
+    reads_ntp: bool = False
 
     @property
     def length(self) -> int:
@@ -273,11 +278,11 @@ def dense_tokens_per_pair(config) -> float:
 
 
 def plan_rows(trunks: list[Trunk], k: float) -> list[Row]:
-    """Lay trunks and segments out in rows: a sequence's first row always holds all of it (for NTP); segments,
-    longest shared prefix first, go to the current row or to a new row that repeats trunk[:m]."""
+    """Lay trunks and segments out in rows: a sequence's first row always holds all of it and alone reads its NTP
+    targets; segments, longest shared prefix first, go to the current row or to a new row that repeats trunk[:m]."""
     rows = []
     for trunk in trunks:
-        row = Row(trunk, len(trunk.ids))
+        row = Row(trunk, len(trunk.ids), reads_ntp=trunk.sequence is not None)
         rows.append(row)
         for seg in sorted(trunk.segments, key=lambda s: -s.attach):
             if row.segments and not _append_is_cheaper(row.length, len(seg.tokens), seg.attach, k):
@@ -307,7 +312,7 @@ def pack(rows: list[Row], responses, R: int, pad_id: int) -> Packed:
     for b, row in enumerate(rows):
         t = row.trunk_len
         ids[b, :t], positions[b, :t], owner[b, :t], sees_trunk[b, :t] = row.trunk.ids[:t], range(t), -1, range(1, t + 1)
-        if row.trunk.sequence is not None and t == len(row.trunk.ids):  # the sequence's full row: its NTP targets
+        if row.reads_ntp:  # once per sequence: a gradient read twice would count twice
             ntp.add([b] * (t - 1), range(t - 1), row.trunk.ids[1:t], [row.trunk.sequence] * (t - 1), range(1, t))
         start = t
         for s, seg in enumerate(row.segments):
@@ -340,8 +345,9 @@ def attention_mask_4d(allowed: torch.Tensor, model) -> torch.Tensor:
 
 
 def shared_forward_logprobs(model, sequences, responses, temperature: float, pad_id: int = 0, *,
-                            chunked: bool = True) -> ForwardOut:
-    """The same outputs as ``plain_forward_logprobs``, from one packed pass per trunk (see the module docstring)."""
+                            chunked: bool = True, read_ntp: bool = True) -> ForwardOut:
+    """The same outputs as ``plain_forward_logprobs``, from one packed pass per trunk (see the module docstring).
+    ``read_ntp=False``: the same pass (the sequences still lay out the rows), without reading the NTP targets."""
     device = model_device(model)
     R, resp_mask = _response_layout(responses) if responses else (0, None)
     trunks = plan_trunks(sequences, responses)
@@ -352,7 +358,7 @@ def shared_forward_logprobs(model, sequences, responses, temperature: float, pad
             model, packed.ids.to(device), attention_mask_4d(packed.allowed.to(device), model),
             packed.positions.to(device), chunked=chunked,
         )
-        if sequences:
+        if sequences and read_ntp:
             ntp = packed.ntp.run(read, 1.0, (len(sequences), max(len(s) for s in sequences)), device)
         if responses:
             resp = packed.responses.run(read, temperature, resp_mask.shape, device)
@@ -415,6 +421,25 @@ def _agrees(compute: Callable[[], ForwardOut], ref: ForwardOut, tol: float) -> b
     )
 
 
+@contextlib.contextmanager
+def _without_mixed_precision_wrapper(hf):
+    """Accelerate's mixed precision wraps a prepared model's ``forward`` in autocast (keeping the plain method as
+    ``_original_forward``), which would re-enable autocast inside the check: the check would then compare bf16
+    logits of the model's own head with the chunked head outside autocast, and turn the chunked head off for the
+    trained model only (so policy and reference log-probs took different paths). Run the plain method for the
+    check."""
+    original = hf.__dict__.get("_original_forward")
+    wrapped = hf.__dict__.get("forward")
+    if original is None or wrapped is None:
+        yield
+        return
+    hf.forward = original
+    try:
+        yield
+    finally:
+        hf.forward = wrapped
+
+
 def _check(hf, impl) -> FastPaths:
     """Both fast paths against full-logit plain forwards, on a random input that exercises every case of the plan:
     prompts on a sequence with a tail and without one, a prompt of its own, two sequences."""
@@ -428,7 +453,7 @@ def _check(hf, impl) -> FastPaths:
     was_training = hf.training
     hf.eval()
     try:  # on the unwrapped model: a DDP wrapper's forward could start collectives that other processes skip
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), _without_mixed_precision_wrapper(hf):
             ref = plain_forward_logprobs(hf, sequences, responses, 1.0, chunked=False)
             chunked = _agrees(lambda: plain_forward_logprobs(hf, sequences, responses, 1.0, chunked=True), ref, tol)
             shared = impl in SHARED_ATTENTION and not _local_attention(hf.config) and _agrees(
@@ -440,13 +465,15 @@ def _check(hf, impl) -> FastPaths:
 
 
 def forward_logprobs(model, sequences: list[list[int]] | None, responses: list[tuple[list[int], list[int]]] | None,
-                     temperature: float, pad_id: int = 0, *, shared: bool = True) -> ForwardOut:
+                     temperature: float, pad_id: int = 0, *, shared: bool = True, read_ntp: bool = True) -> ForwardOut:
     """Log-probabilities for the loss: NTP targets of ``sequences`` and the tokens of each (prompt, response).
 
     Shared-prefix pass when the model supports it (``fast_paths``) and ``shared``; plain rows otherwise. Both read
-    logits through the chunked output head when the model allows it.
+    logits through the chunked output head when the model allows it. ``read_ntp=False`` gives the response
+    log-probs of the very same computation without the NTP reads (old and reference log-probs).
     """
     paths = fast_paths(model)
+    kw = {"chunked": paths.chunked, "read_ntp": read_ntp}
     if shared and paths.shared:
-        return shared_forward_logprobs(model, sequences, responses, temperature, pad_id, chunked=paths.chunked)
-    return plain_forward_logprobs(model, sequences, responses, temperature, pad_id, chunked=paths.chunked)
+        return shared_forward_logprobs(model, sequences, responses, temperature, pad_id, **kw)
+    return plain_forward_logprobs(model, sequences, responses, temperature, pad_id, **kw)

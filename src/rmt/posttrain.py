@@ -400,7 +400,7 @@ def collect_groups(cfg: RMTConfig, questions: list[Question], prompts: list[list
     return Rollouts(groups, rewards, advantages, metrics, samples)
 
 
-def grpo_update(cfg: RMTConfig, pairs, advantages: torch.Tensor, model, ref_model, optimizer, scheduler, accelerator,
+def grpo_update(cfg: RMTConfig, pairs, advantages: torch.Tensor, model, ref_model, optimizer, accelerator,
                 *, pad_id: int, horizon: int) -> dict:
     """grpo.num_iterations optimizer steps of L_RL (``losses.unified_loss`` with no NTP term) on the responses.
 
@@ -417,7 +417,7 @@ def grpo_update(cfg: RMTConfig, pairs, advantages: torch.Tensor, model, ref_mode
         MicroBatch(pairs=[pairs[i] for i in idx], advantages=adv[idx])
         for idx in (m.tolist() for m in np.array_split(np.arange(len(pairs)), cfg.train.grad_accum)) if idx
     ]
-    return policy_update(cfg, micro, norm, model, ref_model, optimizer, scheduler, accelerator, pad_id=pad_id, ntp_weight=0.0)
+    return policy_update(cfg, micro, norm, model, ref_model, optimizer, accelerator, pad_id=pad_id, ntp_weight=0.0)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -463,8 +463,8 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
 
     T = pcfg.steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay)
-    scheduler = make_scheduler(cfg, optimizer, T)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    scheduler = make_scheduler(cfg, optimizer, T)  # stepped once per step below (see make_scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step = 0
     checkpoints = list_checkpoints(run_dir)
@@ -517,7 +517,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
             )
             metrics = {"lr": scheduler.get_last_lr()[0], **rollouts.metrics}
             metrics.update(grpo_update(
-                cfg, rollouts.pairs(), rollouts.advantages.flatten(), model, ref_model, optimizer, scheduler,
+                cfg, rollouts.pairs(), rollouts.advantages.flatten(), model, ref_model, optimizer,
                 accelerator, pad_id=pad_id, horizon=pcfg.max_response_tokens,
             ))
             metrics["time_step_s"] = time.perf_counter() - t0
@@ -530,6 +530,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
                     )
             else:
                 nonfinite_in_a_row = 0
+            scheduler.step()  # once per training step, skipped or not
             step += 1
             if step % cfg.train.log_every == 0 or step == T:
                 metrics_log.log(step, metrics)

@@ -5,8 +5,9 @@ from the prefix ``ids[:pos]``; ``tiers[b, pos]`` is the tier of that prediction.
 
 - C: for each sequence, up to ``positions_per_sequence`` draws without replacement. One draw: a tier
   d ~ Categorical(p_t) renormalised over the tiers that still have candidates, then a position uniformly inside
-  tier d. Candidates are valid (not padding) positions with pos >= max(1, min_prefix) whose tier is easy, medium
-  or hard (never ntp_only). When every tier with candidates has probability 0, the sequence gives no (more)
+  tier d. Candidates are valid (not padding) positions pos >= 1 whose tier is easy, medium or hard (never
+  ntp_only; scoring makes every position before ``scoring.min_context`` ntp_only, so the tiers alone decide, as
+  they do for the evaluation set). When every tier with candidates has probability 0, the sequence gives no (more)
   positions. An optional cap keeps a uniformly drawn subset of C.
 - NTP mask m (B, L), by target position: m[b, pos] = 1 for valid pos >= 1 with (b, pos) not in C.
 
@@ -44,10 +45,10 @@ def uniforms(generator: Generator, n: int) -> np.ndarray:
     return generator.random(n)
 
 
-def rl_candidates(tiers: np.ndarray, valid: np.ndarray, min_prefix: int) -> np.ndarray:
-    """(B, L) bool: positions that may enter C (valid, an RL tier, pos >= max(1, min_prefix))."""
+def rl_candidates(tiers: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(B, L) bool: positions that may enter C (valid, an RL tier, pos >= 1: a prompt needs a prefix)."""
     candidates = np.isin(tiers, RL_TIERS) & valid
-    candidates[:, : max(1, min_prefix)] = False
+    candidates[:, :1] = False
     return candidates
 
 
@@ -67,7 +68,6 @@ def sample_rl_set(
     *,
     valid=None,
     positions_per_sequence: int = 1,
-    min_prefix: int = 1,
     max_positions: int | None = None,
 ) -> RLSelection:
     """Draw C and build the NTP mask (see the module docstring).
@@ -84,7 +84,7 @@ def sample_rl_set(
     if probs.shape != (len(RL_TIERS),) or (probs < 0).any():
         raise ValueError(f"probs must be 3 non-negative numbers (easy, medium, hard), got {probs.tolist()}")
 
-    candidates = rl_candidates(tier_ids, valid_mask, min_prefix)
+    candidates = rl_candidates(tier_ids, valid_mask)
     n_seq = tier_ids.shape[0]
     draws = uniforms(generator, n_seq * positions_per_sequence * 2).reshape(n_seq, positions_per_sequence, 2)
     chosen: list[tuple[int, int]] = []

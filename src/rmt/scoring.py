@@ -3,6 +3,10 @@
 For position ``pos`` of a sequence (predicting token ``ids[pos]`` from ``ids[:pos]``) the entropy is
 H_pos = -sum_v p(v | ids[:pos]) log p(v | ids[:pos]) in nats, over the full vocabulary (RMT) or over the
 renormalised top-k probabilities (RPT). Position 0 has no prefix: its entropy is NaN and its tier ntp_only.
+Positions with fewer than ``scoring.min_context`` tokens before them are ntp_only too: their entropy is high for
+want of context (the start of a chunk cut from a longer document has none of the document's earlier text), not
+because reasoning could win there. They are left out of the quantile boundaries and the entropy histogram, and the
+summary counts how many positions of each tier they would have filled.
 
 Scores are written shard by shard (``scores/<split>/shard-NNNNN``, each moved into place only when complete),
 so an interrupted run resumes at the first missing shard. When every shard exists, the tiers are computed and the
@@ -24,7 +28,7 @@ import torch
 
 from rmt.config import RMTConfig, ScoringConfig
 from rmt.errors import DataError, ModelError
-from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, TIER_NAMES
+from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, RL_TIERS, TIER_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +51,17 @@ def entropy_from_logits(logits: torch.Tensor, mode: str = "full", top_k: int = 1
     return logp.exp().mul_(logp).sum(-1).neg_()
 
 
-def assign_tiers(entropy: np.ndarray, eligible: np.ndarray, thresholds: tuple[float, float, float]) -> np.ndarray:
-    """Tier of each position: ntp_only below thresholds[0] or not eligible; then easy / medium / hard.
+def assign_tiers(entropy: np.ndarray, eligible: np.ndarray, thresholds: tuple[float, float, float],
+                 min_context: int = 1) -> np.ndarray:
+    """Tier of each position of one sequence: ntp_only below thresholds[0], not eligible, or before
+    ``min_context``; then easy / medium / hard.
 
     easy = [t0, t1), medium = [t1, t2), hard = [t2, inf). NaN entropy (position 0) is ntp_only.
     """
     t0, t1, t2 = thresholds
     entropy = np.asarray(entropy, dtype=np.float64)
     tiers = np.full(entropy.shape, NTP_ONLY, dtype=np.int8)
-    ok = np.asarray(eligible, dtype=bool) & np.isfinite(entropy)
+    ok = np.asarray(eligible, dtype=bool) & np.isfinite(entropy) & (np.arange(entropy.shape[-1]) >= min_context)
     tiers[ok & (entropy >= t0) & (entropy < t1)] = EASY
     tiers[ok & (entropy >= t1) & (entropy < t2)] = MEDIUM
     tiers[ok & (entropy >= t2)] = HARD
@@ -228,13 +234,20 @@ def _with_entropies(prepared: Path, split: str, ds):
     return datasets.concatenate_datasets([ds, ent], axis=1)
 
 
-def _eligible_histogram(ds, table: np.ndarray, max_value: float) -> np.ndarray:
+def _eligible_entropies(ids, ent, table: np.ndarray, min_context: int) -> np.ndarray:
+    """The entropies of one sequence's RL-eligible positions (eligible token, finite entropy, pos >= min_context)."""
+    e = np.asarray(ent, dtype=np.float64)
+    keep = table[np.asarray(ids)] & np.isfinite(e)
+    keep[:min_context] = False
+    return e[keep]
+
+
+def _eligible_histogram(ds, table: np.ndarray, max_value: float, min_context: int) -> np.ndarray:
     """Counts of RL-eligible entropies in FINE_BIN bins, one batch at a time."""
     counts = np.zeros(int(max_value / FINE_BIN) + 2, dtype=np.int64)
     for batch in ds.iter(batch_size=1024):
         for ids, ent in zip(batch["input_ids"], batch["entropy"]):
-            e = np.asarray(ent, dtype=np.float64)
-            e = e[table[np.asarray(ids)] & np.isfinite(e)]
+            e = _eligible_entropies(ids, ent, table, min_context)
             np.add.at(counts, np.clip((e / FINE_BIN).astype(np.int64), 0, len(counts) - 1), 1)
     return counts
 
@@ -242,7 +255,7 @@ def _eligible_histogram(ds, table: np.ndarray, max_value: float) -> np.ndarray:
 QUANTILE_SAMPLE = 2_000_000  # eligible entropies kept for the quantile boundaries (all of them in smaller corpora)
 
 
-def _entropy_sample(ds, table: np.ndarray, seed: int = 0) -> np.ndarray:
+def _entropy_sample(ds, table: np.ndarray, min_context: int, seed: int = 0) -> np.ndarray:
     """The eligible entropies of a split, uniformly subsampled to at most ~QUANTILE_SAMPLE values."""
     total = sum(len(ids) for batch in ds.select_columns(["input_ids"]).iter(batch_size=4096) for ids in batch["input_ids"])
     rate = min(1.0, QUANTILE_SAMPLE / max(1, total))
@@ -250,8 +263,7 @@ def _entropy_sample(ds, table: np.ndarray, seed: int = 0) -> np.ndarray:
     kept = []
     for batch in ds.iter(batch_size=1024):
         for ids, ent in zip(batch["input_ids"], batch["entropy"]):
-            e = np.asarray(ent, dtype=np.float64)
-            e = e[table[np.asarray(ids)] & np.isfinite(e)]
+            e = _eligible_entropies(ids, ent, table, min_context)
             kept.append(e if rate == 1.0 else e[rng.random(e.size) < rate])
     return np.concatenate(kept) if kept else np.zeros(0)
 
@@ -274,29 +286,36 @@ def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
     table = eligible_token_table(tokenizer, vocab)
     joined = {s: _with_entropies(prepared, s, ds) for s, ds in splits.items()}
     max_h = math.log(max(2, vocab))
-    fine = _eligible_histogram(joined["train"], table, max_h)
+    min_context = cfg.scoring.min_context
+    fine = _eligible_histogram(joined["train"], table, max_h, min_context)
     if cfg.scoring.tier_rule == "quantile":
-        thresholds = quantile_thresholds(_entropy_sample(joined["train"], table, cfg.data.seed), cfg.scoring.quantiles)
+        sample = _entropy_sample(joined["train"], table, min_context, cfg.data.seed)
+        thresholds = quantile_thresholds(sample, cfg.scoring.quantiles)
     else:
         thresholds = tuple(cfg.scoring.thresholds)
 
     def add_tiers(batch):
         batch["tier"] = [
-            assign_tiers(np.asarray(e, dtype=np.float64), table[np.asarray(ids)], thresholds)
+            assign_tiers(np.asarray(e, dtype=np.float64), table[np.asarray(ids)], thresholds, min_context)
             for ids, e in zip(batch["input_ids"], batch["entropy"])
         ]
         return batch
 
-    summary = {"thresholds": list(thresholds), "tier_rule": cfg.scoring.tier_rule, "splits": {}}
+    summary = {"thresholds": list(thresholds), "tier_rule": cfg.scoring.tier_rule, "min_context": min_context,
+               "splits": {}, "excluded_by_min_context": {}}
     features = None
     for split, ds in joined.items():
         features = datasets.Features({**ds.features, "tier": datasets.Sequence(datasets.Value("int8"))})
         scored = ds.map(add_tiers, batched=True, batch_size=1024, features=features, desc=f"tiers {split}")
-        counts = np.zeros(4, dtype=np.int64)
+        counts, excluded = np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64)
         for batch in scored.iter(batch_size=4096):
-            for t in batch["tier"]:
+            for ids, e, t in zip(batch["input_ids"], batch["entropy"], batch["tier"]):
                 counts += np.bincount(np.asarray(t, dtype=np.int64), minlength=4)
+                # the tiers the first positions would have had without min_context
+                head = assign_tiers(np.asarray(e[:min_context], dtype=np.float64), table[np.asarray(ids[:min_context])], thresholds)
+                excluded += np.bincount(head.astype(np.int64), minlength=4)
         summary["splits"][split] = {TIER_NAMES[i]: int(counts[i]) for i in range(4)}
+        summary["excluded_by_min_context"][split] = {TIER_NAMES[i]: int(excluded[i]) for i in RL_TIERS}
         target = prepared / "scored" / split
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=target.parent))
@@ -338,6 +357,12 @@ def format_summary(summary: dict) -> str:
         total = sum(counts.values()) or 1
         parts = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in counts.items())
         lines.append(f"{split}: {parts}")
+    for split, excluded in summary.get("excluded_by_min_context", {}).items():
+        parts = ", ".join(f"{k} {v}" for k, v in excluded.items())
+        lines.append(
+            f"{split}: min_context {summary['min_context']} kept {sum(excluded.values())} positions out of the RL tiers "
+            f"(counted as ntp_only above; they would have been {parts})"
+        )
     hist = summary["histogram"]
     peak = max(hist["counts"]) or 1
     lines.append("entropy histogram of RL-eligible train positions (nats):")

@@ -70,6 +70,9 @@ def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Genera
 
 
 def make_scheduler(cfg: RMTConfig, optimizer, total: int):
+    """The learning-rate schedule over ``total`` training steps. Kept out of ``accelerator.prepare`` (whose wrapper
+    steps it once per process on each call) and stepped once per training step by the step loop, so the learning
+    rate at step t depends only on t, never on the number of processes or grpo.num_iterations."""
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.lr_schedule]
@@ -139,7 +142,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
         model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
     )
     scheduler = make_scheduler(cfg, optimizer, T)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step, flops_total = 0, 0.0
     checkpoints = list_checkpoints(run_dir)
@@ -186,6 +189,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
                     )
             else:
                 nonfinite_in_a_row = 0
+            scheduler.step()  # once per training step, skipped or not
             step += 1
             if step % cfg.train.log_every == 0 or step == T:
                 metrics_log.log(step, metrics)
@@ -312,7 +316,7 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
             advantages=torch.tensor([a for *_, a in responses], dtype=torch.float32, device=accelerator.device)[:, None],
         ))
     metrics.update(policy_update(
-        cfg, micro, norm, model, ref_model, optimizer, scheduler, accelerator,
+        cfg, micro, norm, model, ref_model, optimizer, accelerator,
         pad_id=tokenizer.pad_token_id or 0, ntp_weight=cfg.ntp.weight,
     ))
     n_tokens = sum(len(s) for s in batch.input_ids) + (rl.num_response_tokens if rl else 0)

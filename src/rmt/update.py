@@ -3,8 +3,16 @@
 Given the micro-batches of one step (NTP sequences with their mask, and/or (prompt, response) pairs with their
 advantages) and the global token counts, run ``grpo.num_iterations`` optimizer steps of
 ``L = L_RL + lambda * L_NTP``: old and reference log-probabilities first (when needed), then per iteration a forward
-and backward per micro-batch (gradients synchronised only on the last), clipping, and the optimizer and scheduler
-steps. A non-finite loss or gradient skips the step.
+and backward per micro-batch (gradients synchronised only on the last), clipping, and the optimizer step. A
+non-finite loss or gradient skips the step.
+
+Old and reference log-probabilities come from the same forward as the training one (same inputs, so the same
+packed layout, and the same ``accelerator.autocast()``): at the first iteration the ratio is exactly 1 under bf16
+too, not 1 up to the rounding of two different computations.
+
+The learning-rate scheduler is not stepped here: the caller steps it once per training step (not once per
+iteration, nor once per process as Accelerate's prepared scheduler would), so the learning rate at step t depends
+only on t and the schedule.
 """
 
 from __future__ import annotations
@@ -35,22 +43,28 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     return bool(ok.item() == 1.0)
 
 
-def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model, ref_model, optimizer, scheduler,
-                  accelerator, *, pad_id: int, ntp_weight: float) -> dict:
+def _forward(model, mb: MicroBatch, temperature: float, pad_id: int, *, read_ntp: bool = True):
+    """The training forward of a micro-batch (its layout depends on the sequences and pairs, so old and reference
+    log-probs use this same call, with ``read_ntp=False``)."""
+    return forward_logprobs(model, mb.sequences, mb.pairs or None, temperature, pad_id, read_ntp=read_ntp)
+
+
+def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model, ref_model, optimizer, accelerator,
+                  *, pad_id: int, ntp_weight: float) -> dict:
     """Run the update; returns metrics (``finite`` False when the step was skipped)."""
     world, temp = accelerator.num_processes, cfg.rollout.temperature
     old_lp, ref_lp = [None] * len(micro), [None] * len(micro)
+    model.train()
     if cfg.grpo.num_iterations > 1 or ref_model is not None:
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():
             for k, mb in enumerate(micro):
                 if not mb.pairs:
                     continue
                 if cfg.grpo.num_iterations > 1:
-                    old_lp[k] = forward_logprobs(model, None, mb.pairs, temp, pad_id).response
+                    old_lp[k] = _forward(model, mb, temp, pad_id, read_ntp=False).response
                 if ref_model is not None:
-                    ref_lp[k] = forward_logprobs(ref_model, None, mb.pairs, temp, pad_id).response
+                    ref_lp[k] = _forward(ref_model, mb, temp, pad_id, read_ntp=False).response
 
-    model.train()
     t0 = time.perf_counter()
     finite, grad_norm, totals = True, None, {}
     for _ in range(cfg.grpo.num_iterations):
@@ -59,7 +73,7 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
         for k, mb in enumerate(micro):
             sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                out = forward_logprobs(model, mb.sequences, mb.pairs or None, temp, pad_id)
+                out = _forward(model, mb, temp, pad_id)
                 terms = losses.unified_loss(
                     grpo=cfg.grpo, ntp_weight=ntp_weight,
                     logprobs=out.response, advantages=mb.advantages if mb.pairs else None,
@@ -85,7 +99,6 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
-        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     metrics = {
         "finite": finite,
