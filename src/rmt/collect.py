@@ -232,7 +232,7 @@ def measure_think_lengths(cfg: RMTConfig, engine: RolloutEngine, tokenizer, data
     rows = sorted(rng.choice(len(data), size=n, replace=False).tolist())
     picked = data.select(rows)
     selection = sampling.sample_rl_set(
-        picked["tier"], (1 / 3, 1 / 3, 1 / 3), torch.Generator().manual_seed(cfg.train.seed), min_prefix=cfg.curriculum.min_prefix
+        picked["tier"], (1 / 3, 1 / 3, 1 / 3), torch.Generator().manual_seed(cfg.train.seed)
     )
     out = roll_out(
         cfg, engine, tokenizer, picked["input_ids"], selection.positions, None, cfg.rollout.max_response_tokens,
