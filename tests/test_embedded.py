@@ -171,19 +171,22 @@ def test_thinking_lines_hold_the_scratchpad_inside_blocks_compact_steps_and_empt
     assert abs(counts["compact"] / counts["lines"] - cfg.compact_steps) < 0.06, counts
 
 
-def test_novel_problems_are_in_the_held_out_splits_only():
-    cfg = EmbeddedConfig(seed=0, novel_terms=5, novel_fraction=0.25, **SMALL)
+def test_long_problems_are_rare_in_the_base_split_and_common_in_the_held_out_ones():
+    cfg = EmbeddedConfig(seed=0, long_terms=5, long_fraction=0.25, long_base_fraction=0.05, **SMALL)
     corpus = build_corpus(cfg)
     terms = lambda line: line.split("=")[0].count("+") + line.split("=")[0].count("-") + 1  # noqa: E731  (no signs in operands)
-    base_lines = [ln for d in corpus["base"] for ln in d["text"].split("\n")]
-    assert all(terms(ln.replace("<think></think>", "").split("<think>")[0]) <= 4 for ln in base_lines)
+    base_exprs = [ln.replace("<think></think>", "").split("=")[0] for d in corpus["base"] for ln in d["text"].split("\n")]
+    assert len(base_exprs) == SMALL["base_problems"] and sum(terms(e) == 5 for e in base_exprs) == round(0.05 * SMALL["base_problems"])
+    held = set()
     for split, n in (("midtrain", SMALL["midtrain_problems"]), ("eval", SMALL["eval_problems"])):
         lines = [ln for d in corpus[split] for ln in d["text"].split("\n")]
         assert len(lines) == n and sum(terms(ln) == 5 for ln in lines) == round(0.25 * n)
+        held |= {ln.split("=")[0] for ln in lines}
     post = corpus["posttrain"]
     assert len(post) == SMALL["posttrain_problems"] and sum(r["terms"] == 5 for r in post) == round(0.25 * len(post))
     assert all(score_posttrain(r, r["answer"]) == 1.0 for r in post)
-    # the regular problems are those of the corpus without novel ones, in the same order
+    assert not held & set(base_exprs)  # a held-out problem is never a base problem
+    # the regular problems are those of the corpus without long ones, in the same order
     plain = build_corpus(EmbeddedConfig(seed=0, **SMALL))
     regular = [ln for d in corpus["eval"] for ln in d["text"].split("\n") if terms(ln) < 5]
     assert regular == [ln for d in plain["eval"] for ln in d["text"].split("\n")][: len(regular)]

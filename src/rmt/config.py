@@ -388,11 +388,15 @@ class EmbeddedConfig(Section):
         "in full (2+6=8;8+3=11;11+4=15): a shorter way to reason, which a binding token budget can select. All three of "
         "empty_think, inside_think and compact_steps at 0 = corpus format 1.",
     )
-    novel_terms: int = Field(
-        0, ge=0, le=12, description="Terms of the novel problems mixed into the held-out splits (mid-training, eval, post-training) and "
-        "never shown in the base split: a skill mid-training can add, and post-training then asks for. 0 = none."
+    long_terms: int = Field(
+        0, ge=0, le=12, description="Terms of the long problems: a harder kind, rare in the base split and common in the held-out splits "
+        "(mid-training, eval, post-training), so that the base model reasons about it only weakly and mid-training can add the skill "
+        "that post-training then asks for. 0 = none."
     )
-    novel_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="With novel_terms: share of each held-out split's problems that are novel.")
+    long_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="With long_terms: share of each held-out split's problems that are long.")
+    long_base_fraction: float = Field(
+        0.02, ge=0.0, lt=1.0, description="With long_terms: share of the base split's problems that are long (0 = never shown to the base model)."
+    )
     base_problems: int = Field(240_000, ge=1, description="Problems in the base pre-training split (repeats allowed: it is a stream).")
     midtrain_problems: int = Field(4_000, ge=1, description="Distinct problems in the mid-training split (plain text, JSONL with computed_spans).")
     eval_problems: int = Field(1_000, ge=1, description="Distinct problems in the evaluation split (plain text, JSONL with computed_spans).")

@@ -149,7 +149,7 @@ def _bucket(seed: int, task: str, key: str) -> str:
 
 
 def _generator(ecfg: EmbeddedConfig, terms: int | None = None):
-    """The reasoning-gym stream of the corpus (``terms``: the novel problems' stream, a fixed number of terms)."""
+    """The reasoning-gym stream of the corpus (``terms``: the long problems' stream, a fixed number of terms)."""
     import reasoning_gym
 
     return reasoning_gym.create_dataset(
@@ -158,7 +158,7 @@ def _generator(ecfg: EmbeddedConfig, terms: int | None = None):
         max_terms=terms or ecfg.max_terms,
         min_digits=ecfg.min_digits,
         max_digits=ecfg.max_digits,
-        # the generator seeds item i with seed + i: keep the streams of nearby seeds (and the novel stream) apart
+        # the generator seeds item i with seed + i: keep the streams of nearby seeds (and the long stream) apart
         seed=ecfg.seed * 1_000_003 + (7_919 * terms if terms else 0),
         size=2**62,
     )
@@ -167,50 +167,56 @@ def _generator(ecfg: EmbeddedConfig, terms: int | None = None):
 HELD_OUT = ("midtrain", "eval", "posttrain")
 
 
-def novel_counts(ecfg: EmbeddedConfig) -> dict[str, int]:
-    """How many problems of each held-out split are novel (``embedded.novel_terms`` terms, never in the base split)."""
-    if not ecfg.novel_terms:
-        return {s: 0 for s in HELD_OUT}
-    sizes = {"midtrain": ecfg.midtrain_problems, "eval": ecfg.eval_problems, "posttrain": ecfg.posttrain_problems}
-    return {s: round(ecfg.novel_fraction * n) for s, n in sizes.items()}
+def long_counts(ecfg: EmbeddedConfig) -> dict[str, int]:
+    """How many problems of each split are long (``embedded.long_terms`` terms): ``long_fraction`` of each held-out
+    split, ``long_base_fraction`` of the base split."""
+    if not ecfg.long_terms:
+        return {s: 0 for s in SPLITS}
+    sizes = {"base": ecfg.base_problems, "midtrain": ecfg.midtrain_problems, "eval": ecfg.eval_problems, "posttrain": ecfg.posttrain_problems}
+    return {s: round((ecfg.long_base_fraction if s == "base" else ecfg.long_fraction) * n) for s, n in sizes.items()}
 
 
-def draw_novel(ecfg: EmbeddedConfig) -> dict[str, list[Problem]]:
-    """The novel problems of each held-out split: distinct, in generation order, midtrain then eval then posttrain."""
-    counts = novel_counts(ecfg)
-    out: dict[str, list[Problem]] = {s: [] for s in HELD_OUT}
+def draw_long(ecfg: EmbeddedConfig) -> dict[str, list[Problem]]:
+    """The long problems of every split, from their own stream: the held-out splits' first (distinct, each problem
+    in one split only), then the base split's (a stream, repeats allowed, never a held-out problem)."""
+    counts = long_counts(ecfg)
+    out: dict[str, list[Problem]] = {s: [] for s in SPLITS}
     if not sum(counts.values()):
         return out
-    ds, seen, idx = _generator(ecfg, ecfg.novel_terms), set(), 0
-    for split in HELD_OUT:
+    ds, held, idx = _generator(ecfg, ecfg.long_terms), set(), 0
+    for split in (*HELD_OUT, "base"):
+        last = idx
         while len(out[split]) < counts[split]:
-            if idx - len(seen) > STALL_DRAWS:
-                raise DataError(f"too few distinct {ecfg.novel_terms}-term problems for embedded.novel_fraction={ecfg.novel_fraction}")
+            if idx - last > STALL_DRAWS:
+                raise DataError(f"too few distinct {ecfg.long_terms}-term problems for embedded.long_fraction={ecfg.long_fraction}")
             p = parse_problem(ds[idx])
             idx += 1
-            if p.expression not in seen:
-                seen.add(p.expression)
-                out[split].append(p)
+            if p.expression in held:
+                continue
+            if split != "base":
+                held.add(p.expression)
+            out[split].append(p)
+            last = idx
     return out
 
 
-def mix_in(regular: list[Problem], novel: list[Problem], rng: random.Random) -> list[Problem]:
-    """The regular problems with the novel ones inserted at seeded random places (the regular order is kept)."""
+def mix_in(regular: list[Problem], extra: list[Problem], rng: random.Random) -> list[Problem]:
+    """The regular problems with the extra ones inserted at seeded random places (the regular order is kept)."""
     out = list(regular)
-    for p in novel:
+    for p in extra:
         out.insert(rng.randint(0, len(out)), p)
     return out
 
 
 def draw_problems(ecfg: EmbeddedConfig) -> dict[str, list[Problem]]:
-    """The regular problems of every split, in generation order (the held-out splits leave room for their novel
-    problems). Deterministic in the config and the reasoning-gym version."""
-    novel = novel_counts(ecfg)
+    """The regular problems of every split, in generation order (each split leaves room for its long problems).
+    Deterministic in the config and the reasoning-gym version."""
+    long = long_counts(ecfg)
     wanted = {
-        "base": ecfg.base_problems,
-        "midtrain": ecfg.midtrain_problems - novel["midtrain"],
-        "eval": ecfg.eval_problems - novel["eval"],
-        "posttrain": ecfg.posttrain_problems - novel["posttrain"],
+        "base": ecfg.base_problems - long["base"],
+        "midtrain": ecfg.midtrain_problems - long["midtrain"],
+        "eval": ecfg.eval_problems - long["eval"],
+        "posttrain": ecfg.posttrain_problems - long["posttrain"],
     }
     out: dict[str, list[Problem]] = {s: [] for s in SPLITS}
     seen: dict[str, set[str]] = {s: set() for s in SPLITS}
@@ -291,7 +297,7 @@ def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
 
 def posttrain_record(p: Problem) -> dict:
     """Prompt and verifiable answer kept apart; ``entry`` is what the generator's score_answer reads; ``terms`` tells
-    the novel problems (embedded.novel_terms) from the regular ones."""
+    the long problems (embedded.long_terms) from the regular ones."""
     return {"prompt": f"{p.expression}=", "answer": p.answer, "task": p.entry["metadata"]["source_dataset"],
             "terms": len(p.terms), "entry": p.entry}
 
@@ -299,10 +305,10 @@ def posttrain_record(p: Problem) -> dict:
 def build_corpus(ecfg: EmbeddedConfig) -> dict[str, list[dict]]:
     """The four splits as lists of JSON-ready records."""
     problems = draw_problems(ecfg)
-    novel = draw_novel(ecfg)
-    for split in HELD_OUT:
-        if novel[split]:
-            problems[split] = mix_in(problems[split], novel[split], _seeded_rng(f"novel-{split}", ecfg.seed))
+    long = draw_long(ecfg)
+    for split in SPLITS:
+        if long[split]:
+            problems[split] = mix_in(problems[split], long[split], _seeded_rng(f"long-{split}", ecfg.seed))
     return {
         "base": base_documents(problems["base"], ecfg),
         "midtrain": [plain_document(g) for g in _chunks(problems["midtrain"], ecfg.problems_per_doc)],
