@@ -160,10 +160,9 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
 
 def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     """Score ``data.prepared_dir`` (resuming), then tier it; returns the summary that is also saved as JSON."""
-    import datasets
     from accelerate import PartialState
 
-    from rmt.data.prepare import load_meta
+    from rmt.data.prepare import load_meta, load_split
     from rmt.embedded import resolve_model_path, resolve_tokenizer_path
     from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, tokenizer_fingerprint
 
@@ -199,7 +198,8 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     state.wait_for_everyone()
 
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    splits = {s: datasets.load_from_disk(str(prepared / s)) for s in ("train", "eval")}
+    remedy = f"delete {prepared} and run `rmt prepare` and `rmt score` again"
+    splits = {s: load_split(prepared / s, remedy) for s in ("train", "eval")}
     for split, ds in splits.items():
         max_id = max((max(ids) for batch in ds.iter(batch_size=4096) for ids in batch["input_ids"]), default=-1)
         if max_id >= vocab:
@@ -323,12 +323,12 @@ def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
 
 def load_scored(prepared_dir: str | Path, split: str):
     """The scored corpus of a split (input_ids, computed, entropy, tier), memory-mapped."""
-    import datasets
+    from rmt.data.prepare import load_split
 
     path = Path(prepared_dir) / "scored" / split
     if not path.is_dir():
         raise DataError(f"no scored corpus at {path} (run `rmt score` first)")
-    return datasets.load_from_disk(str(path))
+    return load_split(path, "run `rmt score` again to rebuild it")
 
 
 def format_summary(summary: dict) -> str:
