@@ -12,11 +12,13 @@ import logging
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def pick_device() -> torch.device:
+    import torch  # here, not at the top: the path checks above answer at once, without loading torch
+
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

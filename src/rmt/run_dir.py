@@ -28,7 +28,7 @@ RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "done.j
 # Sections that do not affect what `rmt train` computes (evaluation, other stages).
 RESUMABLE_SECTIONS = {"eval", "posttrain"}
 # Fields that may change between a run and its resumption without changing what the run computes.
-RESUMABLE_CHANGES = {("output", "overwrite"), ("train", "tracker"), ("train", "log_every"), ("train", "sample_every"),
+RESUMABLE_CHANGES = {("output", "overwrite"), ("output", "dir"), ("train", "tracker"), ("train", "log_every"), ("train", "sample_every"),
                      ("train", "save_every"), ("train", "keep_last")}
 
 

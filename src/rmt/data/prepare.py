@@ -227,6 +227,12 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     An existing prepared corpus made with the same settings and tokenizer is reused; one made with different
     settings is kept unless ``output.overwrite`` is set (its scores would no longer match).
     """
+    from rmt.modeling import check_local_path
+
+    for what, path in (("model", cfg.model.path), ("tokenizer", cfg.model.tokenizer)):
+        if path is not None:
+            check_local_path(path, what)  # at once, before the libraries load
+
     import datasets
 
     from rmt.embedded import resolve_tokenizer_path
