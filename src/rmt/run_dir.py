@@ -22,6 +22,8 @@ from rmt.fileio import atomic_write_text, is_orphan, naming_errors, remove_orpha
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+# Files the tools may put in a run folder before a run starts there (`rmt eval` writes its results to output.dir).
+TOOL_FILES = {LOCK_FILE, "eval.json", "eval.md"}
 # What a run writes into its folder (deleted when output.overwrite restarts a folder made with another config).
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "done.json")
 
@@ -119,7 +121,7 @@ def _describe_holder(text: str) -> str:
 
 def _foreign_entries(run_dir: Path) -> list[str]:
     """Entries of ``run_dir`` that are neither its lock nor temporary leftovers of our own writes."""
-    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not is_orphan(p))
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in TOOL_FILES and not is_orphan(p))
 
 
 def open_run_dir(cfg: RMTConfig, run_dir: Path) -> RunLock:

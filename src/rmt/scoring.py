@@ -24,6 +24,7 @@ import torch
 
 from rmt.config import RMTConfig, ScoringConfig
 from rmt.errors import DataError, ModelError
+from rmt.fileio import remove_orphans, temp_prefix
 from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, TIER_NAMES
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
     )
     bar = tqdm(total=remaining_tokens, desc=f"score {split}", unit="tok", unit_scale=True, disable=rank != 0)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out_dir)  # shards whose writer was killed
     for shard in todo:
         rows = split_ds[shard * scfg.shard_sequences : (shard + 1) * scfg.shard_sequences]["input_ids"]
         # Longest first within a shard keeps padding low; the order is restored when writing.
@@ -149,7 +151,7 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
             for i, ent in zip(idx, score_batch(model, [rows[i] for i in idx], pad_id, scfg)):
                 entropies[i] = ent
             bar.update(sum(len(rows[i]) for i in idx))
-        tmp = Path(tempfile.mkdtemp(prefix=f".shard-{shard:05d}.tmp-", dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"shard-{shard:05d}"), dir=out_dir))
         datasets.Dataset.from_dict(
             {"entropy": [e.tolist() for e in entropies]},
             features=datasets.Features({"entropy": datasets.Sequence(datasets.Value("float32"))}),
