@@ -3,7 +3,7 @@
 Each case runs the real command line (``python -m rmt.cli``) in a subprocess on one class of bad input and checks a
 non-zero exit, a message that names the problem, and no "Traceback" anywhere in stdout and stderr. The inputs are
 tiny (the test model and corpus of conftest.py), and most cases fail before any work, so the file runs in seconds
-per case.
+per case; the cases that have to start a training run are marked slow.
 """
 
 from __future__ import annotations
@@ -254,7 +254,10 @@ def case_run_folder_in_use(tmp_path, corpus, unfinished_run):
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
-SLOW = {"disk_full_during_training", "non_finite_loss"}  # they train a step or two first
+# Slow: they train a step or two first, or start a whole training run to reach their check (each class is also
+# tested in-process in test_faults.py or test_trainer.py).
+SLOW = {"disk_full_during_training", "non_finite_loss", "trainer_state_without_rng", "tokenizer_of_another_corpus",
+        "run_folder_in_use"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])

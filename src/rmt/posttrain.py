@@ -40,7 +40,7 @@ from rmt.errors import DataError, ModelError, TrainingError
 from rmt.fileio import atomic_write_text
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
-from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
+from rmt.run_dir import MetricsLog, check_run_dir_path, make_accelerator, open_run_dir_on_main
 from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, save_final, step_generator
 from rmt.update import MicroBatch, policy_update
 from rmt.verifiers import VerifierError, call_verifier, load_verifier, posttrain_reward, reasoning_gym_entry
@@ -432,6 +432,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     time-boxed jobs). Returns the run folder; raises ``Interrupted`` (after the checkpoint) when SIGINT or SIGTERM
     stopped an unfinished run.
     """
+    check_run_dir_path(Path(cfg.posttrain.output_dir), "posttrain.output_dir")
     with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
         return _posttrain(cfg, model, tokenizer, stop_at, held)
 

@@ -59,6 +59,21 @@ def make_accelerator(cfg: RMTConfig, run_dir: Path):
     )
 
 
+def check_run_dir_path(run_dir: Path, what: str = "output.dir") -> None:
+    """Before any work (and before the libraries load): the run folder can exist and be written where it is asked
+    for: neither it nor a folder above it is a file, and the nearest existing folder above it is writable."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{what}={run_dir} is a file, not a folder; choose another {what}")
+    above = run_dir.absolute()
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise CheckpointError(f"{what}={run_dir} cannot be made: {above} is a file, not a folder")
+    if not run_dir.exists() and not os.access(above, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what}={run_dir} cannot be made: {above} is not writable")
+
+
 def open_run_dir_on_main(cfg: RMTConfig, run_dir: Path, accelerator):
     """``open_run_dir`` on the main process, which holds the run's lock; every process waits until the folder is
     ready. Returns a context manager that releases the lock (a no-op on the other processes)."""

@@ -36,7 +36,7 @@ from rmt.checkpoint import (
 )
 from rmt.config import RMTConfig
 from rmt.errors import CheckpointError, DataError, Interrupted, ModelError, TrainingError
-from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
+from rmt.run_dir import MetricsLog, check_run_dir_path, make_accelerator, open_run_dir_on_main
 from rmt.update import MicroBatch, policy_update
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
 
     Raises ``Interrupted`` (after the checkpoint) when SIGINT or SIGTERM stopped an unfinished run.
     """
+    check_run_dir_path(Path(cfg.output.dir))
     with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
         return _train(cfg, model, tokenizer, held)
 

@@ -202,17 +202,16 @@ def check_prepared_dir(out: Path, sources: list[tuple[Path, str | None]]) -> Non
             )
 
 
-def check_model_context(cfg: RMTConfig) -> None:
+def check_model_context(cfg: RMTConfig, model_dir: str | Path) -> None:
     """data.seq_len must fit the model's context: checked here, from the model's config.json when it is a local
     folder, so that a corpus no stage could use is never built (`rmt train` checks again with the loaded model)."""
     from types import SimpleNamespace
 
-    from rmt.embedded import resolve_model_path
     from rmt.modeling import check_context_fits
 
-    if cfg.model.path is not None and not Path(cfg.model.path).expanduser().is_dir():
+    config_file = Path(model_dir).expanduser() / "config.json"
+    if not config_file.parent.is_dir():
         return  # a hub name: its config is read when the model is loaded
-    config_file = Path(resolve_model_path(cfg)).expanduser() / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -232,6 +231,8 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     for what, path in (("model", cfg.model.path), ("tokenizer", cfg.model.tokenizer)):
         if path is not None:
             check_local_path(path, what)  # at once, before the libraries load
+    if cfg.model.path is not None:
+        check_model_context(cfg, cfg.model.path)
 
     import datasets
 
@@ -247,7 +248,10 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     source = sources[0][0] if len(sources) == 1 else " + ".join(str(p) for p, _ in sources)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
-    check_model_context(cfg)
+    if cfg.model.path is None:  # the embedded base model, built by now
+        from rmt.embedded import resolve_model_path
+
+        check_model_context(cfg, resolve_model_path(cfg))
     meta = prepare_meta(cfg, tokenizer, sources)
     if (out / "meta.json").is_file():
         try:
