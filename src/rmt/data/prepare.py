@@ -234,6 +234,10 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     if cfg.model.path is not None:
         check_model_context(cfg, cfg.model.path)
 
+    out = Path(cfg.data.prepared_dir)
+    # Before the embedded default's material is built: the folder, and the corpus files the user named.
+    check_prepared_dir(out, [(Path(p), None) for p in (cfg.data.path, cfg.data.eval_path) if p is not None])
+
     import datasets
 
     from rmt.embedded import resolve_tokenizer_path
@@ -243,7 +247,6 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     for path, _ in sources:
         if not path.exists():
             raise DataError(f"corpus not found: {path}")
-    out = Path(cfg.data.prepared_dir)
     check_prepared_dir(out, sources)
     source = sources[0][0] if len(sources) == 1 else " + ".join(str(p) for p, _ in sources)
     if tokenizer is None:
