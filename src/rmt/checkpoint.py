@@ -5,6 +5,10 @@ the tokenizer, ``optimizer.pt`` and ``scheduler.pt`` (tensors and numbers only, 
 ``weights_only=True``: nothing is unpickled), and ``trainer_state.json`` (step, data position, RNG states,
 config fingerprint). It is written into a temporary folder and renamed into place, so a crash or ``kill -9``
 during the write leaves the earlier checkpoints as they were and no half-written one that a resume could pick.
+
+The finished model (``final/``) is written the same way, with a manifest of its files written last
+(``rmt_complete.json``): ``model_folder_problem`` tells a complete one from a partial or damaged one, which a resume
+then writes again from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import numpy as np
 import torch
 
 from rmt.errors import CheckpointError
+from rmt.fileio import disk_full_error, naming_errors, swap_into_place, temp_prefix
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "rmt_complete.json"
 
 
 def rng_state() -> dict:
@@ -73,31 +79,82 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=ckpt_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=ckpt_dir))
     try:
-        model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "model"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
-        if final.exists():  # re-saving the same step (e.g. after an interrupt): replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
+        with naming_errors(final):
+            model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "model"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
+        swap_into_place(tmp, final)  # re-saving the same step (e.g. after an interrupt) replaces it whole
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise disk_full_error(final, e) or e
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
+    """The model (safetensors) and tokenizer in Hugging Face format at ``folder``, written atomically: into a
+    temporary folder, closed by a manifest of its files (``MANIFEST_FILE``), then renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
+    try:
+        with naming_errors(folder):
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is ordinary files
+        swap_into_place(tmp, folder)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(folder, e) or e
+    return folder
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """None when ``folder`` is a complete model written by ``save_model_folder``; else what is wrong with it."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "it does not exist"
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest {MANIFEST_FILE}, written last, is missing or unreadable ({e}): the write did not finish"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                list(f.keys())
+        except Exception as e:  # noqa: BLE001 - the library's error, named
+            return f"{path.name} is unreadable ({e})"
+    return None
+
+
 def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / STATE_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("rng"), dict):
+            raise ValueError("no step or RNG state")
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: cannot read {STATE_FILE} ({e})") from None
+    return state
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
@@ -119,7 +176,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
             raise ValueError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        set_rng_state(state["rng"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: {e}") from None
-    set_rng_state(state["rng"])
     return state

@@ -2,18 +2,26 @@
 
 Every command takes ``--config PRESET_OR_YAML`` and any number of dotted overrides
 (``rmt train --config rmt budget.gamma=0.3 train.total_steps=100``).
+
+Errors in what the user gave (config, paths, files, models) or in the environment (disk full, unwritable folder)
+are one line on stderr, never a traceback. Exit codes: 0 done; 1 a stage refused or failed on its input or the
+environment; 2 the command line or the config is invalid; 130 / 143 interrupted by SIGINT / SIGTERM (a run then
+saved a checkpoint first, and the same command resumes it).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rmt.config import ConfigError, RMTConfig, config_to_yaml, describe_fields, load_config
-from rmt.errors import RMTError
+from rmt.errors import Interrupted, RMTError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reinforcement Mid-Training of causal language models.")
 console = Console(stderr=True, soft_wrap=True)
@@ -28,37 +36,62 @@ def _setup() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        import datasets
-        import transformers
+    # Read by datasets and huggingface_hub (hence transformers) when they are first imported, so that a command
+    # that never loads them does not pay seconds for importing them here.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def os_error_message(e: OSError) -> str:
+    """``No space left on device: runs/rmt/metrics.jsonl`` rather than ``[Errno 28] ...``."""
+    what = e.strerror or str(e)
+    files = [f for f in (e.filename, getattr(e, "filename2", None)) if f is not None]
+    return f"{what}: {' -> '.join(map(str, files))}" if files else what
+
+
+def _errors(command):
+    """Run a command; the errors of its input and environment become one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except Interrupted as e:
+            console.print(f"[yellow]{escape(str(e))}[/yellow]")
+            raise typer.Exit(e.exit_code) from None
+        except RMTError as e:
+            _fail(str(e), 1)
+        except OSError as e:
+            _fail(os_error_message(e), 1)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 def _config(config: Optional[str], overrides: Optional[list[str]]) -> RMTConfig:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    return load_config(config, overrides or [])
 
 
 def _run(fn, *args, **kwargs):
-    """Call a stage; turn the project's own errors into a one-line message and exit code 1."""
-    try:
-        return fn(*args, **kwargs)
-    except (RMTError, ConfigError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
-        raise typer.Exit(130) from None
+    """Call a stage (its errors are turned into messages by the command's ``_errors``)."""
+    return fn(*args, **kwargs)
 
 
 @app.command("config")
+@_errors
 def config_cmd(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
@@ -80,6 +113,7 @@ def config_cmd(
 
 
 @app.command()
+@_errors
 def prepare(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Tokenize a corpus into fixed-length sequences with a seeded train/eval split by document."""
     from rmt.data.prepare import prepare_corpus
@@ -89,6 +123,7 @@ def prepare(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = 
 
 
 @app.command()
+@_errors
 def score(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Score the entropy of every position with a reference model and assign tiers (resumable)."""
     from rmt.scoring import format_summary, score_corpus
@@ -101,6 +136,7 @@ def score(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = Ov
 
 
 @app.command()
+@_errors
 def pretrain(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Train a small Llama from scratch: the embedded default's base model, or one on pretrain.corpus (resumable)."""
     import json
@@ -117,6 +153,7 @@ def pretrain(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] =
 
 
 @app.command()
+@_errors
 def train(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Mid-train with the configured method (rmt, rpt, ntp or an ablation); resumes from the newest checkpoint."""
     from rmt.trainer import train as run_train
@@ -127,6 +164,7 @@ def train(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = Ov
 
 
 @app.command("eval")
+@_errors
 def eval_cmd(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
@@ -155,13 +193,13 @@ def eval_cmd(
     try:
         models = parse_model_specs(model or [])
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        _fail(str(e), 2)
     result = _run(evaluate, cfg, models or None, out)
     sys.stdout.write(result["table_markdown"] + "\n")
 
 
 @app.command()
+@_errors
 def report(
     runs: Optional[list[str]] = typer.Argument(None, help="Run folders of `rmt train` (metrics.jsonl) to plot."),
     evaluation: Optional[str] = typer.Option(None, "--eval", "-e", help="Evaluation JSON of `rmt eval` to include."),
@@ -171,13 +209,13 @@ def report(
     from rmt.report import write_report
 
     if not runs and not evaluation:
-        console.print("[red]error:[/red] give at least one run folder or --eval FILE")
-        raise typer.Exit(2)
+        _fail("give at least one run folder or --eval FILE", 2)
     path = _run(write_report, runs or [], out, evaluation)
     sys.stdout.write(f"report: {path}\n")
 
 
 @app.command()
+@_errors
 def posttrain(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
@@ -193,20 +231,22 @@ def posttrain(
 
     cfg = _config(config, overrides)
     if eval_only:
+        from rmt.fileio import atomic_write_text, check_writable
+
+        if out:
+            check_writable(out, "--out")  # before the work, not after it
         result = _run(stage.evaluate, cfg)
         text = json.dumps(result, indent=2) + "\n"
+        sys.stdout.write(text)  # the results are out before anything else can fail
         if out:
-            from pathlib import Path
-
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(text)
-        sys.stdout.write(text)
+            atomic_write_text(out, text)
         return
     run_dir = _run(stage.posttrain, cfg)
     sys.stdout.write(f"run folder: {run_dir}\n")
 
 
 @app.command()
+@_errors
 def demo(
     overrides: Optional[list[str]] = OverridesArg,
     size: str = typer.Option("default", help="Demo scale: default (minutes on 2 CPU cores) or tiny (seconds, for tests)."),
@@ -216,7 +256,9 @@ def demo(
     """The whole pipeline on the embedded default: base model, score, mid-train, evaluate, report."""
     from rmt.demo import run_demo
 
-    _run(run_demo, size=size, out=out, methods=[m.strip() for m in methods.split(",") if m.strip()], overrides=overrides or [])
+    from rmt.demo import parse_methods
+
+    _run(run_demo, size=size, out=out, methods=parse_methods(methods), overrides=overrides or [])
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -10,19 +10,40 @@ from __future__ import annotations
 
 import math
 import string
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 Probs = tuple[float, float, float]
 
 
+def _takes_bool(annotation) -> bool:
+    """Whether a field's type admits a boolean anywhere (``bool``, ``bool | None``, ``Any``, ...)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation))
+
+
+def _holds_bool(value) -> bool:
+    return isinstance(value, bool) or isinstance(value, list | tuple) and any(_holds_bool(v) for v in value)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Numbers are finite (train.lr=inf is an error), and a boolean is never read as a number (YAML's true is not 1).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info: ValidationInfo):
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _holds_bool(value) and not _takes_bool(field.annotation):
+            raise ValueError("expected a number or text, not a boolean (YAML reads true/false/yes/no/on/off as booleans: quote text)")
+        return value
 
 
 def _check_probs(name: str, probs: Probs) -> None:
@@ -625,8 +646,12 @@ def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config {path} includes itself through `base`")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {path} is not valid YAML: {'; '.join(str(e).split(chr(10)))}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -22,6 +22,23 @@ DEMO_SIZES = PRESET_DIR / "demo"
 DEFAULT_METHODS = ("rmt", "ntp", "rpt")
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods rmt,ntp,rpt`` -> the preset names, in order, each once; ConfigError for an empty list or a name
+    that is not a preset (a path is not: each method's run folder is ``out/<name>``)."""
+    return check_methods(text.split(","))
+
+
+def check_methods(methods) -> list[str]:
+    names = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    if not names:
+        raise ConfigError(f"--methods is empty: give presets separated by commas, e.g. rmt,ntp,rpt (presets: {', '.join(presets)})")
+    for name in names:
+        if name not in presets:
+            raise ConfigError(f"--methods: {name!r} is not a preset; presets: {', '.join(presets)}")
+    return names
+
+
 def demo_config(method: str, size: str, out: Path, overrides: list[str]) -> RMTConfig:
     layer = DEMO_SIZES / f"{size}.yaml"
     if not layer.is_file():
@@ -46,6 +63,7 @@ def run_demo(size: str = "default", out: str | Path = "runs/demo", methods=DEFAU
 
     console = console or Console(stderr=True)
     out = Path(out)
+    methods = check_methods(methods)
     overrides = list(overrides or [])
     # Validate every config before any work starts.
     configs = {m: demo_config(m, size, out, overrides) for m in methods}

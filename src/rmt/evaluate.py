@@ -42,8 +42,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +52,7 @@ import torch
 
 from rmt.config import RMTConfig
 from rmt.errors import DataError, ModelError
+from rmt.fileio import atomic_write_text, remove_orphans
 from rmt.tiers import RL_TIERS, TIER_NAMES
 
 log = logging.getLogger(__name__)
@@ -227,8 +226,12 @@ def load_eval_set(cfg: RMTConfig, ds=None) -> dict:
     identity = eval_set_identity(cfg, ds)
     path = Path(cfg.data.prepared_dir) / "eval_set.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("identity") == identity:
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # written atomically, so damaged by something else: it is derived data, draw it again
+            log.warning("%s is damaged (%s); drawing it again", path, e)
+            stored = {}
+        if isinstance(stored, dict) and stored.get("identity") == identity:
             return stored
         log.info("%s was drawn from other scores or settings; drawing it again", path)
 
@@ -253,10 +256,7 @@ def load_eval_set(cfg: RMTConfig, ds=None) -> dict:
         "items": [asdict(it) for it in items],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".eval_set.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data))
     return data
 
 
@@ -660,12 +660,19 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
 
     ``models``: {name: path} in table order (None = ``default_models``). ``out``: the JSON path (default
     ``output.dir/eval.json``); the markdown table goes beside it with the suffix ``.md``.
+
+    Everything that can be checked before the work is (models, row labels, baseline, output files), and the
+    results are written as soon as they exist, so a bad argument never costs a finished evaluation.
     """
     from rmt.data.prepare import load_meta
     from rmt.modeling import pick_device
     from rmt.scoring import load_scored
 
     meta = load_meta(cfg.data.prepared_dir)
+    models = dict(models) if models else default_models(cfg)
+    out_path = Path(out) if out is not None else Path(cfg.output.dir) / "eval.json"
+    check_evaluation_plan(cfg, models, out_path)
+    remove_orphans(cfg.data.prepared_dir)  # eval_set.json writes that a kill interrupted
     ds = load_scored(cfg.data.prepared_dir, "eval")
     eval_set = load_eval_set(cfg, ds)
     items = eval_items(eval_set)
@@ -674,7 +681,6 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
     needed = sorted({it.row for it in items})
     sequences = dict(zip(needed, ds.select(needed)["input_ids"]))
 
-    models = dict(models) if models else default_models(cfg)
     modes = [m for m in MODES if m in cfg.eval.modes]
     budget = eval_budget(cfg) if "reasoning" in modes else None
     device = pick_device()
@@ -693,8 +699,6 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
             torch.cuda.empty_cache()
 
     baseline = resolve_baseline(results, cfg.eval.baseline)
-    add_relative_changes(results, baseline)
-    table = format_table(results, baseline, match_rule(cfg))
     evaluation = {
         "format": RESULTS_FORMAT,
         "eval_set": {
@@ -716,11 +720,37 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
         },
         "baseline": baseline,
         "results": results,
-        "table_markdown": table,
+        "table_markdown": None,
     }
-    out_path = Path(out) if out is not None else Path(cfg.output.dir) / "eval.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(evaluation, indent=2, ensure_ascii=False))
-    out_path.with_suffix(".md").write_text("# Next-token accuracy by tier\n\n" + table + "\n")
+    atomic_write_text(out_path, json.dumps(evaluation, indent=2, ensure_ascii=False))  # the results, first
+    add_relative_changes(results, baseline)
+    evaluation["table_markdown"] = table = format_table(results, baseline, match_rule(cfg))
+    atomic_write_text(out_path, json.dumps(evaluation, indent=2, ensure_ascii=False))
+    atomic_write_text(out_path.with_suffix(".md"), "# Next-token accuracy by tier\n\n" + table + "\n")
     log.info("evaluation written to %s and %s", out_path, out_path.with_suffix(".md"))
     return evaluation
+
+
+def check_evaluation_plan(cfg: RMTConfig, models: dict[str, str], out_path: Path) -> None:
+    """Before any model is evaluated: every model folder exists, the row labels are distinct, eval.baseline names a
+    row or a model, and the output files can be written."""
+    from rmt.config import ConfigError
+    from rmt.fileio import check_writable
+    from rmt.modeling import check_local_path
+
+    for name, path in models.items():
+        check_local_path(_model_folder(path), f"model {name}")
+    modes = [m for m in MODES if m in cfg.eval.modes]
+    planned: dict[str, dict] = {}
+    for name in models:
+        for mode in modes:
+            label = row_label(name, mode, modes)
+            if label in planned:
+                raise ConfigError(f"two rows of the table would be labelled {label!r}: rename model {name!r}")
+            planned[label] = {"model": name}
+    try:
+        resolve_baseline(planned, cfg.eval.baseline)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_writable(out_path, "evaluation output")
+    check_writable(out_path.with_suffix(".md"), "evaluation table")

@@ -1,20 +1,136 @@
-"""Writing files so that a crash or a kill never leaves a half-written one in place."""
+"""Writing files so that a crash or a kill never leaves a half-written one in place.
+
+Every temporary file or folder is named ``.NAME.tmp.PID@HOST.RANDOM`` (or ``.old.`` for a folder being swapped out):
+the writer's process id and host are in the name, so a later run can tell a leftover of a writer that died
+(``kill -9``, power loss) from one that is still writing, and remove only the former (``remove_orphans``).
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from rmt.errors import RMTError
+
+log = logging.getLogger(__name__)
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_.-]+)\.(?P<rand>[A-Za-z0-9_]+)$")
+
+
+def temp_prefix(name: str, kind: str = "tmp") -> str:
+    """Prefix for ``tempfile.mkdtemp``/``mkstemp`` beside ``name``: ``.NAME.tmp.PID@HOST.`` (the random part follows)."""
+    return f".{name}.{kind}.{os.getpid()}@{_HOST}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def is_orphan(path: str | Path) -> bool:
+    """True for a temporary file or folder of ours whose writer, on this host, is no longer running."""
+    m = _TEMP_NAME.match(Path(path).name)
+    return bool(m) and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+
+
+def remove_orphans(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Delete the leftovers of dead writers in ``folder`` (only those of ``name`` when given); returns them.
+
+    Temporary entries of a live writer, of another host, or not named by ``temp_prefix`` are never touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _TEMP_NAME.match(p.name)
+        if m is None or (name is not None and m["name"] != name) or not is_orphan(p):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.info("removed %d leftover temporary file(s) of interrupted writes in %s", len(removed), folder)
+    return removed
+
+
+def swap_into_place(new: Path, target: Path) -> None:
+    """Rename the finished folder ``new`` to ``target``; an existing ``target`` is moved aside first and deleted
+    only once ``new`` is in place, so some complete version exists at every moment."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name, "old"), dir=target.parent))
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError that does not say which file it is about (a full disk during ``write``) with ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
+def disk_full_error(path: str | Path, cause: BaseException, min_free: int = 16 << 20) -> OSError | None:
+    """An ENOSPC OSError naming ``path`` when a library's failed write (torch, safetensors: not an OSError) happened
+    on a disk with less than ``min_free`` bytes left; None when the disk has room (the cause is something else)."""
+    if isinstance(cause, OSError) or not isinstance(cause, Exception):
+        return None
+    try:
+        free = shutil.disk_usage(Path(path).parent if not Path(path).exists() else path).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if free < min_free else None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; an ordinary file is what was asked for
+        with naming_errors(path), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """Fail before any work when the file ``path`` could not be written (its folder is made if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RMTError(f"{what} {path} is a folder; give the path of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        where = e.filename if e.filename is not None else path.parent
+        raise RMTError(f"cannot write {what} {path}: {e.strerror or e} ({where})") from None

@@ -9,18 +9,43 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
-import torch
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+
+# A Hugging Face hub id: "name" or "owner/name" of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def looks_local(path: str) -> bool:
+    """True when ``path`` can only mean a folder on this machine, never a hub id: it exists, starts with ``/``,
+    ``./``, ``../`` or ``~``, has more than one separator, is not a valid hub id, or its first part is a folder here."""
+    p = str(path)
+    if os.path.exists(os.path.expanduser(p)) or p.startswith(("/", "./", "../", "~", ".")) or os.sep != "/" and os.sep in p:
+        return True
+    return not _HUB_ID.match(p) or ("/" in p and os.path.isdir(p.split("/", 1)[0]))
+
+
+def check_local_path(path: str, what: str) -> None:
+    """A local-looking path that does not exist is an error at once (not a minute of retries against the hub)."""
+    if looks_local(path) and not Path(os.path.expanduser(str(path))).exists():
+        raise ModelError(f"{what}: no such folder: {path}")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_local_path(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - name the path the user gave
@@ -32,12 +57,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def pick_device() -> torch.device:
+    import torch  # here, not at the top: the path checks above answer at once, without loading torch
+
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -57,11 +86,33 @@ def load_model(path: str, cfg: RMTConfig, device: torch.device | None = None):
     )
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    check_local_path(path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load a causal LM from {path!r}: {e}") from None
     return model.to(device)
+
+
+def context_length_of(config) -> int | None:
+    """The longest sequence a model config allows (max_position_embeddings, n_positions, ...); None when unstated."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_fits(seq_len: int, model_or_config, where: str = "model") -> None:
+    """Corpus sequences of ``seq_len`` tokens must fit the model's context (a ModelError before any work)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = getattr(getattr(model_or_config, "module", None), "config", config)
+    context = context_length_of(config)
+    if context is not None and seq_len > context:
+        raise ModelError(
+            f"data.seq_len={seq_len} is longer than the {where}'s context of {context} tokens: "
+            f"prepare the corpus with data.seq_len <= {context}"
+        )
 
 
 def model_vocab_size(model) -> int:

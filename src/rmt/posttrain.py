@@ -22,6 +22,7 @@ process), so a run resumed from a checkpoint draws what the uninterrupted run wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,13 +34,13 @@ import numpy as np
 import torch
 
 from rmt import collect, losses
-from rmt.checkpoint import list_checkpoints, load_checkpoint
+from rmt.checkpoint import list_checkpoints, load_checkpoint, model_folder_problem
 from rmt.config import PromptConfig, RMTConfig
-from rmt.errors import DataError, ModelError
+from rmt.errors import DataError, ModelError, TrainingError
 from rmt.fileio import atomic_write_text
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
-from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
+from rmt.run_dir import MetricsLog, check_run_dir_path, make_accelerator, open_run_dir_on_main
 from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, save_final, step_generator
 from rmt.update import MicroBatch, policy_update
 from rmt.verifiers import VerifierError, call_verifier, load_verifier, posttrain_reward, reasoning_gym_entry
@@ -428,8 +429,15 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
 
     Evaluates the eval questions before the first step and after the last (``eval.json``, and ``eval_*`` metrics
     at steps 0 and T). ``stop_at``: end after that step with a checkpoint, as an interruption would (tests,
-    time-boxed jobs). Returns the run folder.
+    time-boxed jobs). Returns the run folder; raises ``Interrupted`` (after the checkpoint) when SIGINT or SIGTERM
+    stopped an unfinished run.
     """
+    check_run_dir_path(Path(cfg.posttrain.output_dir), "posttrain.output_dir")
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+        return _posttrain(cfg, model, tokenizer, stop_at, held)
+
+
+def _posttrain(cfg: RMTConfig, model, tokenizer, stop_at: int | None, held: contextlib.ExitStack) -> Path:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -446,7 +454,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
         raise DataError(f"posttrain.questions_per_step={pcfg.questions_per_step} must be divisible by the processes ({world})")
     train_qs, eval_qs = load_question_sets(cfg)
     check_verifier_data(name, train_qs)
-    open_run_dir_on_main(cfg, run_dir, accelerator)
+    held.enter_context(open_run_dir_on_main(cfg, run_dir, accelerator))
 
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
@@ -471,9 +479,12 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
     if checkpoints:
         start_step = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler)["step"]
         log.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, T)
-    if start_step >= T and (run_dir / "final").is_dir():
-        log.info("run %s already finished (%d of %d steps); nothing to do", run_dir, start_step, T)
-        return run_dir
+    if start_step >= T:
+        problem = model_folder_problem(run_dir / "final")
+        if problem is None:
+            log.info("run %s already finished (%d of %d steps); nothing to do", run_dir, start_step, T)
+            return run_dir
+        log.warning("%s: %s; finishing the run again from %s", run_dir / "final", problem, checkpoints[-1])
 
     metrics_log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
     metrics_log.truncate_after(start_step if start_step else -1)  # a fresh start logs its step-0 eval anew
@@ -491,7 +502,7 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
         summary = summarize(gather_object(mine) if world > 1 else mine)
         if accelerator.is_main_process:
             path = run_dir / EVAL_FILE
-            results = json.loads(path.read_text()) if path.is_file() and at > 0 else {}
+            results = _read_eval_file(path) if at > 0 else {}
             results.setdefault("curve", {})[str(at)] = summary
             if at == 0:
                 results["before"] = summary
@@ -525,8 +536,9 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
                 nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_a_row} consecutive non-finite steps (train.max_nonfinite); lower posttrain.lr"
+                    raise TrainingError(
+                        f"{nonfinite_in_a_row} consecutive non-finite steps at step {step} (train.max_nonfinite); "
+                        "lower posttrain.lr; the last checkpoint is kept"
                     )
             else:
                 nonfinite_in_a_row = 0
@@ -550,4 +562,20 @@ def posttrain(cfg: RMTConfig, model=None, tokenizer=None, *, stop_at: int | None
         save_final(model, tokenizer, accelerator, run_dir / "final")
         log.info("finished: model saved to %s", run_dir / "final")
     accelerator.end_training()
+    stop.check(run_dir, step, T)
     return run_dir
+
+
+def _read_eval_file(path: Path) -> dict:
+    """The results so far in the run's eval.json; a damaged file (it is written atomically, so only by hand) is
+    started afresh with a warning rather than stopping the run."""
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(results, dict):
+            return results
+    except (ValueError, OSError):
+        pass
+    log.warning("%s is damaged; writing it afresh", path)
+    return {}

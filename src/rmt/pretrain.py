@@ -398,5 +398,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint: drop their old lines."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    from rmt.run_dir import read_jsonl_rows  # a torn last line (a kill while appending) is dropped
+
+    keep = [row for row in read_jsonl_rows(path, what="run log") if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))

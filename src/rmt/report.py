@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from rmt.errors import RMTError
+from rmt.fileio import naming_errors
 from rmt.run_dir import read_metrics
 
 TIERS = ("easy", "medium", "hard")
@@ -91,18 +92,58 @@ PLOTS = [
 ]
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: str | Path | None = None) -> Path:
-    """Write ``report.md`` and its PNG plots into ``out_dir``; returns the report's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def read_runs(run_dirs: list[str | Path]) -> dict[str, list[dict]]:
+    """{folder name: metrics rows} of each run folder; RMTError for a missing folder, a folder without metrics,
+    rows without a step, or two folders of the same name (their plots would merge)."""
     runs = {}
     for d in run_dirs:
-        rows = read_metrics(Path(d))
+        d = Path(d)
+        if not d.is_dir():
+            raise RMTError(f"run folder not found: {d}")
+        rows = read_metrics(d)
         if not rows:
             raise RMTError(f"{d} has no metrics.jsonl (is it a run folder of `rmt train`?)")
-        runs[Path(d).name] = rows
+        if not all(isinstance(r.get("step"), int) for r in rows):
+            raise RMTError(f"{d / 'metrics.jsonl'}: a row without an integer step; not a metrics file of `rmt train`")
+        if d.name in runs:
+            raise RMTError(f"two run folders are named {d.name!r}; their lines would merge in the plots")
+        runs[d.name] = rows
+    return runs
+
+
+def read_evaluation(path: str | Path) -> dict:
+    """The JSON of `rmt eval`, checked for what the report reads: ``results`` rows with ``tiers``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RMTError(f"evaluation file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RMTError(f"{path} is not an evaluation JSON of `rmt eval` (not UTF-8: {e.reason})") from None
+    except ValueError as e:
+        raise RMTError(f"{path} is not valid JSON ({e}); give the JSON that `rmt eval` wrote") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("tiers"), dict) and all(isinstance(t, dict) for t in r["tiers"].values())
+        for r in results.values()
+    ):
+        raise RMTError(f"{path} is not an evaluation of `rmt eval` (no `results` with per-tier rows)")
+    if not isinstance(data.get("table_markdown", ""), str):
+        raise RMTError(f"{path}: `table_markdown` is not text")
+    return data
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: str | Path | None = None) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out_dir``; returns the report's path.
+
+    Every input is read and checked before anything is written."""
+    out = Path(out_dir)
+    runs = read_runs(run_dirs)
+    eval_data = read_evaluation(evaluation) if evaluation else None
+    if out.exists() and not out.is_dir():
+        raise RMTError(f"--out {out} is a file; give a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["# RMT report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
-    eval_data = json.loads(Path(evaluation).read_text()) if evaluation else None
     if eval_data:
         lines += ["## Next-token accuracy by tier", "", eval_data.get("table_markdown", ""), ""]
         if _accuracy_bars(out / "accuracy_by_tier.png", eval_data):
@@ -118,7 +159,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: st
         vals = [f"{last[k]:.4g}" if isinstance(last.get(k), int | float) else "–" for k in _SUMMARY_KEYS]
         lines.append(f"| {name} | {last['step']} | " + " | ".join(vals) + " |")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    with naming_errors(path):
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

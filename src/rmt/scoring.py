@@ -28,6 +28,7 @@ import torch
 
 from rmt.config import RMTConfig, ScoringConfig
 from rmt.errors import DataError, ModelError
+from rmt.fileio import remove_orphans, temp_prefix
 from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, RL_TIERS, TIER_NAMES
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
     )
     bar = tqdm(total=remaining_tokens, desc=f"score {split}", unit="tok", unit_scale=True, disable=rank != 0)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out_dir)  # shards whose writer was killed
     for shard in todo:
         rows = split_ds[shard * scfg.shard_sequences : (shard + 1) * scfg.shard_sequences]["input_ids"]
         # Longest first within a shard keeps padding low; the order is restored when writing.
@@ -155,7 +157,7 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
             for i, ent in zip(idx, score_batch(model, [rows[i] for i in idx], pad_id, scfg)):
                 entropies[i] = ent
             bar.update(sum(len(rows[i]) for i in idx))
-        tmp = Path(tempfile.mkdtemp(prefix=f".shard-{shard:05d}.tmp-", dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"shard-{shard:05d}"), dir=out_dir))
         datasets.Dataset.from_dict(
             {"entropy": [e.tolist() for e in entropies]},
             features=datasets.Features({"entropy": datasets.Sequence(datasets.Value("float32"))}),
@@ -166,10 +168,9 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
 
 def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     """Score ``data.prepared_dir`` (resuming), then tier it; returns the summary that is also saved as JSON."""
-    import datasets
     from accelerate import PartialState
 
-    from rmt.data.prepare import load_meta
+    from rmt.data.prepare import load_meta, load_split
     from rmt.embedded import resolve_model_path, resolve_tokenizer_path
     from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, tokenizer_fingerprint
 
@@ -205,7 +206,8 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     state.wait_for_everyone()
 
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    splits = {s: datasets.load_from_disk(str(prepared / s)) for s in ("train", "eval")}
+    remedy = f"delete {prepared} and run `rmt prepare` and `rmt score` again"
+    splits = {s: load_split(prepared / s, remedy) for s in ("train", "eval")}
     for split, ds in splits.items():
         max_id = max((max(ids) for batch in ds.iter(batch_size=4096) for ids in batch["input_ids"]), default=-1)
         if max_id >= vocab:
@@ -342,12 +344,12 @@ def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
 
 def load_scored(prepared_dir: str | Path, split: str):
     """The scored corpus of a split (input_ids, computed, entropy, tier), memory-mapped."""
-    import datasets
+    from rmt.data.prepare import load_split
 
     path = Path(prepared_dir) / "scored" / split
     if not path.is_dir():
         raise DataError(f"no scored corpus at {path} (run `rmt score` first)")
-    return datasets.load_from_disk(str(path))
+    return load_split(path, "run `rmt score` again to rebuild it")
 
 
 def format_summary(summary: dict) -> str:

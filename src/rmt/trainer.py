@@ -14,6 +14,7 @@ draws exactly what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,10 +27,17 @@ import numpy as np
 import torch
 
 from rmt import collect, flops, losses, schedules
-from rmt.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, save_checkpoint
+from rmt.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_trainer_state,
+    model_folder_problem,
+    save_checkpoint,
+    save_model_folder,
+)
 from rmt.config import RMTConfig
-from rmt.errors import CheckpointError, DataError
-from rmt.run_dir import MetricsLog, make_accelerator, open_run_dir_on_main
+from rmt.errors import CheckpointError, DataError, Interrupted, ModelError, TrainingError
+from rmt.run_dir import MetricsLog, check_run_dir_path, make_accelerator, open_run_dir_on_main
 from rmt.update import MicroBatch, policy_update
 
 log = logging.getLogger(__name__)
@@ -80,10 +88,15 @@ def make_scheduler(cfg: RMTConfig, optimizer, total: int):
 
 
 class _StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM ask the loop to checkpoint and stop after the current step."""
+    """Ctrl-C (SIGINT) or SIGTERM ask the loop to checkpoint and stop after the current step.
+
+    ``signum`` is the signal that asked (None when the loop itself set ``requested``); ``check`` raises
+    ``Interrupted`` for it once the checkpoint is written, so the command exits with 130 or 143.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -98,19 +111,56 @@ class _StopFlag:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         log.warning("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
+    def check(self, run_dir: Path, step: int, total: int) -> None:
+        """After the loop: an unfinished run stopped by a signal raises ``Interrupted``."""
+        if self.signum is not None and step < total:
+            raise Interrupted(
+                f"interrupted at step {step} of {total}; checkpoint saved in {run_dir}: run the same command to resume",
+                self.signum,
+            )
+
+
+def check_corpus_tokenizer(cfg: RMTConfig, tokenizer) -> dict | None:
+    """The tokenizer must be the one the prepared corpus was tokenized with (as `rmt score` and `rmt eval` check).
+
+    Returns the corpus' meta.json (None for a hand-made scored corpus without one, which cannot be checked)."""
+    from rmt.data.prepare import load_meta
+    from rmt.modeling import tokenizer_fingerprint
+
+    if not (Path(cfg.data.prepared_dir) / "meta.json").is_file():
+        log.warning("%s has no meta.json: cannot check that the corpus was tokenized with this tokenizer", cfg.data.prepared_dir)
+        return None
+    meta = load_meta(cfg.data.prepared_dir)
+    if tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
+        raise ModelError(
+            f"the corpus in {cfg.data.prepared_dir} was tokenized with another tokenizer ({meta.get('tokenizer')}) than "
+            "the model's: run `rmt prepare` and `rmt score` again with this model, or use its own data.prepared_dir"
+        )
+    return meta
+
 
 def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
-    """Train according to ``cfg``; resumes from the newest checkpoint of ``output.dir``. Returns the run folder."""
+    """Train according to ``cfg``; resumes from the newest checkpoint of ``output.dir``. Returns the run folder.
+
+    Raises ``Interrupted`` (after the checkpoint) when SIGINT or SIGTERM stopped an unfinished run.
+    """
+    check_run_dir_path(Path(cfg.output.dir))
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+        return _train(cfg, model, tokenizer, held)
+
+
+def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path:
     from tqdm.auto import tqdm
 
     from rmt.embedded import resolve_model_path, resolve_tokenizer_path
-    from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer
+    from rmt.modeling import check_context_fits, check_tokenizer_matches_model, load_model, load_tokenizer
     from rmt.scoring import load_scored
 
     run_dir = Path(cfg.output.dir)
@@ -121,7 +171,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
             f"train.sequences_per_step={cfg.train.sequences_per_step} must be divisible by processes ({world}) x "
             f"train.grad_accum ({cfg.train.grad_accum})"
         )
-    open_run_dir_on_main(cfg, run_dir, accelerator)
+    held.enter_context(open_run_dir_on_main(cfg, run_dir, accelerator))
 
     data = load_scored(cfg.data.prepared_dir, "train")
     if len(data) == 0:
@@ -130,9 +180,11 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
 
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
+    meta = check_corpus_tokenizer(cfg, tokenizer)
     if model is None:
         model = load_model(resolve_model_path(cfg), cfg, accelerator.device)
     check_tokenizer_matches_model(tokenizer, model)
+    check_context_fits((meta or {}).get("data", {}).get("seq_len", cfg.data.seq_len), model)
     collect.check_markers(cfg, tokenizer)
     ref_model = None
     if cfg.train.rl and cfg.grpo.kl_beta > 0:
@@ -151,7 +203,12 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
         start_step, flops_total = state["step"], state.get("flops_total", 0.0)
         log.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, T)
     if start_step >= T:
-        log.info("run %s already finished (%d of %d steps); nothing to do", run_dir, start_step, T)
+        problem = model_folder_problem(run_dir / "final")
+        if problem is None:
+            log.info("run %s already finished (%d of %d steps); nothing to do", run_dir, start_step, T)
+        else:
+            log.warning("%s: %s; writing it again from %s", run_dir / "final", problem, checkpoints[-1])
+            save_final(model, tokenizer, accelerator, run_dir / "final")
         return run_dir
 
     metrics_log = MetricsLog(run_dir, accelerator, enabled=accelerator.is_main_process)
@@ -183,9 +240,9 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
                 nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_a_row} consecutive non-finite steps (train.max_nonfinite); "
-                        "lower train.lr or check the data"
+                    raise TrainingError(
+                        f"{nonfinite_in_a_row} consecutive non-finite steps at step {step} (train.max_nonfinite); "
+                        "lower train.lr or check the data; the last checkpoint is kept"
                     )
             else:
                 nonfinite_in_a_row = 0
@@ -204,6 +261,7 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
         save_final(model, tokenizer, accelerator, run_dir / "final")
         log.info("finished: model saved to %s", run_dir / "final")
     accelerator.end_training()
+    stop.check(run_dir, step, T)
     return run_dir
 
 
@@ -247,11 +305,12 @@ def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerato
 
 
 def save_final(model, tokenizer, accelerator, folder: Path) -> None:
-    """The finished model in Hugging Face format (safetensors), written by the main process."""
+    """The finished model in Hugging Face format (safetensors), written atomically by the main process."""
+    accelerator.wait_for_everyone()  # every process has decided to write it before the old one is replaced
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(str(folder))
+        save_model_folder(folder, accelerator.unwrap_model(model), tokenizer, state_dict=state_dict)
+    accelerator.wait_for_everyone()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -4,6 +4,10 @@ Output (``data.prepared_dir``): ``train/`` and ``eval/`` Hugging Face datasets (
 ``input_ids``, ``doc_id``, ``computed`` (1 where the token lies in a computed span of the document, else 0), and
 ``meta.json`` that names the tokenizer and the settings. Everything is written to a temporary folder first and
 moved into place at the end, so a failure never leaves a half-written corpus or destroys an earlier one.
+
+Nothing the tool did not write is ever deleted: ``data.prepared_dir`` must be absent, empty, or a corpus prepared
+here (``meta.json``, ``train/``, ``eval/`` and what `rmt score` and `rmt eval` add), and must not be, contain or lie
+inside the corpus it is made from.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from pathlib import Path
 from rmt.config import RMTConfig
 from rmt.data.readers import read_documents
 from rmt.errors import DataError
+from rmt.fileio import is_orphan, remove_orphans, swap_into_place, temp_prefix
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
 TOKENIZE_BATCH = 256
+# What a prepared corpus folder holds: `rmt prepare`'s meta and splits, `rmt score`'s scores, `rmt eval`'s set.
+PREPARED_ENTRIES = {"meta.json", "train", "eval", "scores", "scored", "eval_set.json"}
 
 
 def corpus_sources(cfg: RMTConfig) -> list[tuple[Path, str | None]]:
@@ -137,7 +144,80 @@ def load_meta(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"no prepared corpus in {prepared_dir} (run `rmt prepare` first)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or "tokenizer_fingerprint" not in meta:
+            raise ValueError("not the meta of a prepared corpus")
+    except (ValueError, OSError) as e:
+        raise DataError(
+            f"{path} is damaged ({e}); run `rmt prepare` again with output.overwrite=true to rebuild the corpus"
+        ) from None
+    return meta
+
+
+def load_split(path: str | Path, remedy: str):
+    """A saved dataset folder (memory-mapped); DataError naming the folder when it is missing or damaged (a
+    truncated Arrow file, a broken state.json). ``remedy`` says how to make it again."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"no dataset at {path} ({remedy})")
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - pyarrow and datasets raise many kinds; all mean a damaged folder
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {e}); {remedy}") from None
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of a prepared corpus folder that `rmt prepare`, `rmt score` and `rmt eval` did not write."""
+    return sorted(
+        p.name for p in folder.iterdir()
+        if p.name not in PREPARED_ENTRIES and not is_orphan(p) and not p.name.startswith(".eval_set.")
+    )
+
+
+def check_prepared_dir(out: Path, sources: list[tuple[Path, str | None]]) -> None:
+    """Refuse a data.prepared_dir that preparing could destroy: the corpus itself, a folder inside it or holding it,
+    a file, or a folder that is not a prepared corpus (before any work; nothing is changed)."""
+    target = out.resolve()
+    for path, _ in sources:
+        src = path.resolve()
+        if target == src:
+            raise DataError(f"data.prepared_dir={out} is the corpus itself; choose another folder for the prepared corpus")
+        if src in target.parents:
+            raise DataError(f"data.prepared_dir={out} lies inside the corpus {path}; choose a folder outside it")
+        if target in src.parents:
+            raise DataError(
+                f"the corpus {path} lies inside data.prepared_dir={out}, which preparing replaces; choose another folder"
+            )
+    if out.exists() and not out.is_dir():
+        raise DataError(f"data.prepared_dir={out} is a file; choose a folder (nothing was changed)")
+    if out.is_dir() and not (out / "meta.json").is_file():
+        entries = [p.name for p in out.iterdir() if not is_orphan(p)]
+        if entries:
+            raise DataError(
+                f"data.prepared_dir={out} exists and is not a corpus prepared by `rmt prepare` (no meta.json; it holds "
+                f"{', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''}); choose another folder (nothing was changed)"
+            )
+
+
+def check_model_context(cfg: RMTConfig, model_dir: str | Path) -> None:
+    """data.seq_len must fit the model's context: checked here, from the model's config.json when it is a local
+    folder, so that a corpus no stage could use is never built (`rmt train` checks again with the loaded model)."""
+    from types import SimpleNamespace
+
+    from rmt.modeling import check_context_fits
+
+    config_file = Path(model_dir).expanduser() / "config.json"
+    if not config_file.parent.is_dir():
+        return  # a hub name: its config is read when the model is loaded
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the model's own loading reports a missing or damaged config
+    if isinstance(config, dict):
+        check_context_fits(cfg.data.seq_len, SimpleNamespace(**config), where=f"model {config_file.parent}")
 
 
 def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
@@ -146,6 +226,18 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     An existing prepared corpus made with the same settings and tokenizer is reused; one made with different
     settings is kept unless ``output.overwrite`` is set (its scores would no longer match).
     """
+    from rmt.modeling import check_local_path
+
+    for what, path in (("model", cfg.model.path), ("tokenizer", cfg.model.tokenizer)):
+        if path is not None:
+            check_local_path(path, what)  # at once, before the libraries load
+    if cfg.model.path is not None:
+        check_model_context(cfg, cfg.model.path)
+
+    out = Path(cfg.data.prepared_dir)
+    # Before the embedded default's material is built: the folder, and the corpus files the user named.
+    check_prepared_dir(out, [(Path(p), None) for p in (cfg.data.path, cfg.data.eval_path) if p is not None])
+
     import datasets
 
     from rmt.embedded import resolve_tokenizer_path
@@ -155,13 +247,22 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     for path, _ in sources:
         if not path.exists():
             raise DataError(f"corpus not found: {path}")
+    check_prepared_dir(out, sources)
     source = sources[0][0] if len(sources) == 1 else " + ".join(str(p) for p, _ in sources)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)
-    out = Path(cfg.data.prepared_dir)
+    if cfg.model.path is None:  # the embedded base model, built by now
+        from rmt.embedded import resolve_model_path
+
+        check_model_context(cfg, resolve_model_path(cfg))
     meta = prepare_meta(cfg, tokenizer, sources)
     if (out / "meta.json").is_file():
-        old = load_meta(out)
+        try:
+            old = load_meta(out)
+        except DataError:
+            if not cfg.output.overwrite:
+                raise
+            old = {}
         if {k: v for k, v in old.items() if k != "counts"} == meta:
             log.info("prepared corpus in %s is up to date; reusing it", out)
             return out
@@ -170,9 +271,16 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
                 f"{out} holds a corpus prepared with other settings or another tokenizer; "
                 "choose another data.prepared_dir or set output.overwrite=true to replace it"
             )
+        foreign = _foreign_entries(out)
+        if foreign:
+            raise DataError(
+                f"{out} holds files `rmt prepare` did not write ({', '.join(foreign[:5])}); move them out of the way "
+                "before replacing the corpus (nothing was changed)"
+            )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_orphans(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     try:
         stats = {"documents": 0, "train_documents": 0, "eval_documents": 0}
         features = datasets.Features(
@@ -203,8 +311,10 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps({**meta, "counts": counts}, indent=2))
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say where
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from None
         raise
     log.info("prepared %s: %s", out, counts)
     if counts["eval"]["sequences"] == 0 and cfg.data.eval_fraction > 0:
@@ -243,11 +353,7 @@ def _generate_rows(cfg_json: str, tokenizer, sources: list, stats: dict):
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target is swapped out first and only deleted afterwards."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name[-8:]}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move ``new`` to ``target``; an existing target (a prepared corpus, checked above) is swapped out first and
+    only deleted afterwards."""
+    new.chmod(0o755)  # mkdtemp makes it private; a corpus is ordinary files
+    swap_into_place(new, target)

@@ -334,7 +334,7 @@ def probe_base_model(cfg: RMTConfig, arts) -> dict:
     from rmt.embedded.corpus import read_jsonl
 
     n = cfg.pretrain.probe_problems
-    model = AutoModelForCausalLM.from_pretrained(str(arts.base_model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(arts.base_model_dir), dtype=torch.float32, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(arts.base_model_dir))
     posttrain = read_jsonl(arts.posttrain_path)[:n]
     midtrain = read_jsonl(arts.midtrain_path)
@@ -356,16 +356,26 @@ def main(argv: list[str] | None = None) -> None:
     import json
     import sys
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pathlib import Path
 
     from rmt.embedded.corpus import read_jsonl
+    from rmt.errors import RMTError
+    from rmt.modeling import load_model, load_tokenizer
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 3):
-        raise SystemExit("usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N]")
-    model = AutoModelForCausalLM.from_pretrained(args[0], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args[0])
-    result = position_probe(model, tokenizer, read_jsonl(args[1]), n=int(args[2]) if len(args) == 3 else 500)
+    usage = "usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N]"
+    if len(args) not in (2, 3) or len(args) == 3 and not args[2].isdigit():
+        raise SystemExit(usage)
+    try:
+        if not Path(args[1]).is_file():
+            raise RMTError(f"no such corpus file: {args[1]}")
+        # Safetensors only, through the same loader as every stage (a pickled checkpoint is refused).
+        model = load_model(args[0], RMTConfig.model_validate({"model": {"dtype": "float32"}}), torch.device("cpu"))
+        tokenizer = load_tokenizer(args[0])
+        records = read_jsonl(args[1])
+    except (RMTError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    result = position_probe(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 500)
     print(json.dumps(result, indent=2))
 
 
