@@ -84,13 +84,14 @@ class RLData:
         return sum(len(r.token_ids) for g in self.groups for r in g.responses)
 
     def flat(self, seq_subset: set[int] | None = None):
-        """(sequence index, prompt ids, response ids, advantage) of every response, optionally for some sequences."""
+        """(sequence index, prompt ids, response ids, advantage, rollout log-probs) of every response, optionally for
+        some sequences."""
         out = []
         for (b, _pos), group, adv in zip(self.selection.positions, self.groups, self.advantages):
             if seq_subset is not None and b not in seq_subset:
                 continue
             for r, a in zip(group.responses, adv.tolist()):
-                out.append((b, group.prompt_ids, r.token_ids, a))
+                out.append((b, group.prompt_ids, r.token_ids, a, r.logprobs))
         return out
 
 
@@ -128,7 +129,16 @@ def select_positions(cfg: RMTConfig, global_tiers, probs, generator, rank: int =
         positions=[(full.positions[i][0] // world, full.positions[i][1]) for i in keep],
         tiers=[full.tiers[i] for i in keep],
         ntp_mask=mask[:, :width],
+        draw_index=keep,
     )
+
+
+def position_seeds(generator: torch.Generator, selection: sampling.RLSelection) -> list[int]:
+    """One sampling seed per position of C, keyed by its index in the global draw: with a generator seeded
+    identically on every process, a position gets the same seed whichever process rolls it out."""
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    index = selection.draw_index if selection.draw_index is not None else range(len(selection.positions))
+    return [int(np.random.SeedSequence([base, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> 2) for i in index]
 
 
 def collect(cfg: RMTConfig, batch, budget: int, selection: sampling.RLSelection, engine: RolloutEngine, tokenizer, *,
@@ -141,11 +151,15 @@ def collect(cfg: RMTConfig, batch, budget: int, selection: sampling.RLSelection,
 
     t0 = time.perf_counter()
     groups: list[Group] = []
-    step = cfg.rollout.positions_per_batch
+    step = max(1, len(prompt_ids)) if engine.continuous_batching else cfg.rollout.positions_per_batch
+    # Per-position seeds make a position's samples independent of the process that rolls it out (the trainer then
+    # passes the same generator to every process).
+    seeds = position_seeds(sample_generator, selection) if engine.seeds_per_prompt else None
     for i in range(0, len(prompt_ids), step):
         groups += engine.generate_groups(
             prompt_ids[i : i + step], cfg.rollout.group_size, cap, stop=stop,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sample_generator,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            **({"seeds": seeds[i : i + step]} if seeds is not None else {"generator": sample_generator}),
         )
     rollout_s = time.perf_counter() - t0
 
