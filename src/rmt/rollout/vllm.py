@@ -146,7 +146,7 @@ class _Slot:
     engines: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
 
-_SLOTS: dict[str, _Slot] = {}
+_SLOT: dict[str, _Slot] = {}  # at most one: vLLM keeps process-wide parallel state that two instances would share
 
 
 def _architecture_key(model, options: EngineOptions) -> str:
@@ -154,6 +154,15 @@ def _architecture_key(model, options: EngineOptions) -> str:
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(volatile, None)
     return json.dumps({"config": config, "options": vars(options)}, sort_keys=True, default=str)
+
+
+def _slot_for(model, options: EngineOptions) -> _Slot:
+    """The process's vLLM instance for this model shape and options, started (or restarted) when needed."""
+    key = _architecture_key(model, options)
+    if key not in _SLOT:
+        close_engines()
+        _SLOT[key] = _start(model, options)
+    return _SLOT[key]
 
 
 def _start(model, options: EngineOptions) -> _Slot:
@@ -186,13 +195,21 @@ def _start(model, options: EngineOptions) -> _Slot:
 
 
 def close_engines() -> None:
-    """Shut down every vLLM instance of this process and free its memory (tests; long-lived notebooks)."""
-    for slot in list(_SLOTS.values()):
-        for engine in slot.engines:
+    """Shut down this process's vLLM instance and free its memory (tests, notebooks, a new model shape).
+
+    vLLM's shutdown also ends torch.distributed's default process group: never call it in the middle of a
+    multi-process run.
+    """
+    for slot in list(_SLOT.values()):
+        for engine in list(slot.engines):
             engine._slot = None
+        try:
+            slot.llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # noqa: BLE001 - best effort: the memory is released with the object anyway
+            log.debug("vLLM shutdown: %s", e)
         slot.llm = None
         slot.config_dir.cleanup()
-    _SLOTS.clear()
+    _SLOT.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -273,10 +290,7 @@ class VLLMEngine(RolloutEngine):
         self.model = unwrap(model)
         self.pad_id = pad_id  # unused: vLLM takes ragged prompts
         self.options = EngineOptions.resolve(options, self.model)
-        key = _architecture_key(self.model, self.options)
-        if key not in _SLOTS:
-            _SLOTS[key] = _start(self.model, self.options)
-        self._slot = _SLOTS[key]
+        self._slot = _slot_for(self.model, self.options)
         self._slot.engines.add(self)
         self.sync_seconds = 0.0
         self.sync_weights(model)
