@@ -97,3 +97,13 @@ def test_docs_config_reference_is_up_to_date():
 
     doc = Path(__file__).parents[1] / "docs" / "config.md"
     assert doc.read_text() == fields_markdown(), "regenerate with: rmt config --markdown > docs/config.md"
+
+
+def test_vllm_engine_without_vllm_says_how_to_install_it():
+    from rmt.rollout.vllm import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ConfigError, match="install-vllm-cpu.sh"):
+        load_config("rmt", ["rollout.engine=vllm"])
+    assert load_config("rmt", ["rollout.vllm.kv_cache_gb=2"]).rollout.vllm.kv_cache_gb == 2  # options alone are fine
