@@ -177,7 +177,8 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
     return t
 
 
-def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_vllm: bool = False) -> dict:
+def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_vllm: bool = False,
+        vllm_compile: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -196,9 +197,11 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_v
     variants = ["rmt-plain", "rmt-shared", "rmt-shared+ntp"]
     engines = dict.fromkeys(variants, hf_engine)
     if use_vllm:
+        from rmt.config import VLLMConfig
         from rmt.rollout.vllm import VLLMEngine
 
-        engines["rmt-vllm"] = VLLMEngine(ours, pad_id=tokenizer.pad_token_id)
+        options = VLLMConfig(enforce_eager=not vllm_compile)
+        engines["rmt-vllm"] = VLLMEngine(ours, pad_id=tokenizer.pad_token_id, options=options)
         variants.append("rmt-vllm")
     times = defaultdict(list)
     trl_timer, seen_prompts = Timer(), []
@@ -276,6 +279,8 @@ def main():
                     help="torch threads; 1 keeps CPU time meaningful on a machine shared with other jobs")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-vllm", action="store_true", help="skip the rmt-vllm variant even where vLLM is installed")
+    ap.add_argument("--vllm-compile", action="store_true",
+                    help="run vLLM with torch.compile (rollout.vllm.enforce_eager=false) instead of the CPU default, eager")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from rmt.rollout.vllm import vllm_available
@@ -285,7 +290,7 @@ def main():
     results = {"attn": a.attn, "threads": a.threads, "model": "Llama h256 x 6 layers, 4 heads, i688, vocab 2048 (5.2M)"}
     with tempfile.TemporaryDirectory() as tmp:
         for p in a.prompt_lens:
-            results[str(p)] = r = run(p, a.reps, a.warmup, a.attn, Path(tmp), use_vllm)
+            results[str(p)] = r = run(p, a.reps, a.warmup, a.attn, Path(tmp), use_vllm, a.vllm_compile)
             for clock in ("wall", "cpu"):
                 print(f"prompt {p} ({clock} time): " + ", ".join(
                     f"{k} {r[k][clock]['step']:.2f}s ({r[k][clock]['completions_per_s']:.2f} compl/s"
