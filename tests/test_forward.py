@@ -258,3 +258,22 @@ def test_shared_forward_counts_ntp_once_when_a_trunk_spans_several_rows(attn):
     for name in ref_ntp:
         ratio = ntp[name].norm() / ref_ntp[name].norm().clamp(min=1e-12)
         assert ratio == pytest.approx(1.0, abs=1e-4), (name, float(ratio))
+
+
+def test_rollout_logprobs_are_laid_out_like_the_forward_response(tiny_model_dir):
+    """update.right_aligned puts an engine's per-token log-probs where forward_logprobs puts the trainer's."""
+    from transformers import AutoModelForCausalLM
+
+    from rmt.rollout import HFEngine, StopRule
+    from rmt.update import right_aligned
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    assert right_aligned([[1.0], [2.0, 3.0], []]).tolist() == [[0.0, 1.0], [2.0, 3.0], [0.0, 0.0]]
+    groups = HFEngine(model).generate_groups([[5, 6, 7], [8, 9]], 3, 6, stop=StopRule(eos_ids=(2,)),
+                                            temperature=0.9, generator=torch.Generator().manual_seed(0))
+    pairs = [(g.prompt_ids, r.token_ids) for g in groups for r in g.responses]
+    with torch.no_grad():
+        out = forward.forward_logprobs(model, None, pairs, 0.9)
+    engine = right_aligned([r.logprobs for g in groups for r in g.responses])
+    assert engine.shape == out.response.shape
+    assert (out.response - engine).abs()[out.response_mask].max() < 1e-4

@@ -263,3 +263,59 @@ def test_unified_loss_edge_cases():
     on_policy.loss.backward()
     expected = torch.where(mask, -adv[:, None].expand_as(logp) / mask.sum(), torch.zeros_like(logp))
     assert torch.allclose(logp.grad, expected)
+
+
+# --- engine/trainer mismatch: truncated importance sampling and the log-prob gap ----------------------------------
+
+
+def test_truncated_importance_weights_hand_computed():
+    from rmt.losses import truncated_importance_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    rollout = torch.tensor([[-1.0, -2.5, -0.1]])
+    # ratios: exp(0) = 1, exp(0.5) = 1.6487, exp(-0.4) = 0.6703; a cap of 1.5 cuts the second
+    w = truncated_importance_weights(old, rollout, cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.5, math.exp(-0.4)]]))
+    w2 = truncated_importance_weights(old, rollout, cap=2.0)
+    torch.testing.assert_close(w2, torch.tensor([[1.0, math.exp(0.5), math.exp(-0.4)]]))
+    with pytest.raises(ValueError, match=">= 1"):
+        truncated_importance_weights(old, rollout, cap=0.5)
+    # no gradient flows through the weight, and a huge log-ratio at a masked position stays finite
+    lp = torch.zeros(1, 2, requires_grad=True)
+    assert not truncated_importance_weights(lp, torch.tensor([[-1e9, 0.0]]), 2.0).requires_grad
+    assert torch.isfinite(truncated_importance_weights(torch.tensor([[1e9]]), torch.tensor([[0.0]]), 2.0)).all()
+
+
+@given(st.lists(st.floats(-5, 0), min_size=1, max_size=8), st.lists(st.floats(-5, 0), min_size=1, max_size=8), st.floats(1, 10))
+@settings(max_examples=50, deadline=None)
+def test_truncated_importance_weights_lie_in_zero_cap(a, b, cap):
+    from rmt.losses import truncated_importance_weights
+
+    n = min(len(a), len(b))
+    w = truncated_importance_weights(torch.tensor(a[:n]), torch.tensor(b[:n]), cap)
+    assert ((w > 0) & (w <= cap + 1e-6)).all()
+
+
+def test_logprob_gap_hand_computed():
+    from rmt.losses import logprob_gap
+
+    trainer_lp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    rollout_lp = torch.tensor([[-1.1, -1.5, 9.0], [-0.5, -0.2, -0.5]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    total, worst, n = logprob_gap(trainer_lp, rollout_lp, mask)  # |d| = 0.1, 0.5, (masked 9), 0, 0.3, 0
+    assert n == 5 and total == pytest.approx(0.9) and worst == pytest.approx(0.5)
+    assert logprob_gap(trainer_lp, rollout_lp, torch.zeros_like(mask)) == (0.0, 0.0, 0)
+
+
+def test_unified_loss_with_tis_weights_the_policy_term_hand_computed():
+    """One token, advantage 1, on-policy (ratio 1): the policy loss is -w * 1 with w = min(exp(old - rollout), cap)."""
+    lp = torch.tensor([[-1.0]], requires_grad=True)
+    common = dict(ntp_weight=0.0, logprobs=lp, advantages=torch.tensor([1.0]), response_mask=torch.tensor([[True]]))
+    plain = unified_loss(grpo=GRPOConfig(), rollout_logprobs=torch.tensor([[-1.7]]), **common)
+    assert plain.policy == pytest.approx(-1.0)  # tis_cap off: the rollout log-probs change nothing
+    tis = unified_loss(grpo=GRPOConfig(tis_cap=3.0), rollout_logprobs=torch.tensor([[-1.7]]), **common)
+    assert tis.policy == pytest.approx(-math.exp(0.7))  # exp(-1.0 + 1.7) = 2.01 < 3
+    capped = unified_loss(grpo=GRPOConfig(tis_cap=1.5), rollout_logprobs=torch.tensor([[-1.7]]), **common)
+    assert capped.policy == pytest.approx(-1.5)
+    capped.loss.backward()
+    assert lp.grad.item() == pytest.approx(-1.5)  # d/dlp of -w * exp(lp - old) at lp = old

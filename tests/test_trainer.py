@@ -329,3 +329,9 @@ def test_resume_trims_metrics_and_samples_logged_after_the_checkpoint(tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 1, 2, 2]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_every_rl_step_logs_the_rollout_vs_trainer_logprob_gap(corpus, tmp_path):
+    """The HF engine samples from the live model: the trainer's log-probs of its tokens agree to rounding."""
+    rows = read_metrics(trainer.train(run_cfg(corpus, tmp_path, "rmt", "train.total_steps=2")))
+    assert all(0 <= r["logprob_gap_mean"] <= r["logprob_gap_max"] < 1e-4 for r in rows)

@@ -90,13 +90,14 @@ class RLData:
         return sum(len(r.token_ids) for g in self.groups for r in g.responses)
 
     def flat(self, seq_subset: set[int] | None = None):
-        """(sequence index, prompt ids, response ids, advantage) of every response, optionally for some sequences."""
+        """(sequence index, prompt ids, response ids, advantage, rollout log-probs) of every response, optionally for
+        some sequences."""
         out = []
         for (b, _pos), group, adv in zip(self.selection.positions, self.groups, self.advantages):
             if seq_subset is not None and b not in seq_subset:
                 continue
             for r, a in zip(group.responses, adv.tolist()):
-                out.append((b, group.prompt_ids, r.token_ids, a))
+                out.append((b, group.prompt_ids, r.token_ids, a, r.logprobs))
         return out
 
 
@@ -133,6 +134,7 @@ def select_positions(cfg: RMTConfig, global_tiers, probs, generator, rank: int =
         positions=[(full.positions[i][0] // world, full.positions[i][1]) for i in keep],
         tiers=[full.tiers[i] for i in keep],
         ntp_mask=mask[:, :width],
+        draw_index=keep,
     )
 
 
@@ -145,8 +147,8 @@ class Rollouts:
     truths: list[rewards.Truth]  # per position: the true next tokens
     cap: int  # the generation cap: 2*B + answer allowance (or the evaluation's cap)
     restatement_room: int  # tokens added to the cap and the stop rule to restate the written part of a value
-    prompts_cut: int
-    generated: list[tuple[int, int]]  # (prompt length, tokens generated) of every response, before any cut  # prompts whose prefix was cut from the left to fit the context
+    prompts_cut: int  # prompts whose prefix was cut from the left to fit the context
+    generated: list[tuple[int, int]]  # (prompt length, tokens generated) of every response, before any cut
 
 
 def written_part(cfg: RMTConfig, prefix: list[int], decode) -> list[int]:
@@ -158,20 +160,23 @@ def written_part(cfg: RMTConfig, prefix: list[int], decode) -> list[int]:
 
 
 def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positions, prompt_budget: int | None, cap: int, *,
-             group_size: int, temperature: float, generator=None, batch_size: int, max_context: int = 1 << 30) -> Rollouts:
+             group_size: int, temperature: float, generator=None, seeds: list[int] | None = None, batch_size: int,
+             max_context: int = 1 << 30) -> Rollouts:
     """Prompt at each (row, pos) of ``positions``, generate ``group_size`` responses (``batch_size`` prompts per
-    engine call), and read each with the answer rule. ``cap``: 2*B + answer allowance; the restatement room (the
-    longest written part) is added to it and to the stop rule."""
+    engine call; all at once for an engine that batches continuously), and read each with the answer rule. ``cap``:
+    2*B + answer allowance; the restatement room (the longest written part) is added to it and to the stop rule.
+    Sampling is seeded by ``generator``, or per position by ``seeds`` (engines with ``seeds_per_prompt``)."""
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
     written = [written_part(cfg, list(sequences[b][:pos]), decode) for b, pos in positions]
     extra = max((len(w) for w in written), default=0)
     prompt_ids, n_cut = build_prompts(cfg, tokenizer, sequences, positions, prompt_budget, cap + extra, max_context)
     stop = stop_rule(cfg, tokenizer, extra)
     groups: list[Group] = []
-    for i in range(0, len(prompt_ids), batch_size):
+    step = max(1, len(prompt_ids)) if engine.continuous_batching else batch_size
+    for i in range(0, len(prompt_ids), step):
         groups += engine.generate_groups(
-            prompt_ids[i : i + batch_size], group_size, cap + extra, stop=stop,
-            temperature=temperature, top_p=cfg.rollout.top_p, generator=generator,
+            prompt_ids[i : i + step], group_size, cap + extra, stop=stop, temperature=temperature, top_p=cfg.rollout.top_p,
+            **({"seeds": seeds[i : i + step]} if seeds is not None else {"generator": generator}),
         )
     parsed_all, cut_groups, truths = [], [], []
     for (b, pos), group, w in zip(positions, groups, written):
@@ -189,15 +194,26 @@ def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positi
     return Rollouts(cut_groups, parsed_all, truths, cap, extra, n_cut, generated)
 
 
+def position_seeds(generator: torch.Generator, selection: sampling.RLSelection) -> list[int]:
+    """One sampling seed per position of C, keyed by its index in the global draw: with a generator seeded
+    identically on every process, a position gets the same seed whichever process rolls it out."""
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    index = selection.draw_index if selection.draw_index is not None else range(len(selection.positions))
+    return [int(np.random.SeedSequence([base, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> 2) for i in index]
+
+
 def collect(cfg: RMTConfig, batch, budget: int, selection: sampling.RLSelection, engine: RolloutEngine, tokenizer, *,
             sample_generator, max_context: int = 1 << 30) -> RLData:
     """Roll out G responses per position of C, parse and reward them, and compute group advantages."""
     prompt_budget = budget if cfg.budget.enabled else None
     cap = schedules.response_cap(prompt_budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)
     t0 = time.perf_counter()
+    # Per-position seeds make a position's samples independent of the process that rolls it out (the trainer then
+    # passes the same generator to every process).
+    seeds = position_seeds(sample_generator, selection) if engine.seeds_per_prompt else None
     out = roll_out(
         cfg, engine, tokenizer, batch.input_ids, selection.positions, prompt_budget, cap,
-        group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature, generator=sample_generator,
+        group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature, generator=sample_generator, seeds=seeds,
         batch_size=cfg.rollout.positions_per_batch, max_context=max_context,
     )
     rollout_s = time.perf_counter() - t0

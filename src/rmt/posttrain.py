@@ -360,6 +360,10 @@ class Rollouts:
     def pairs(self) -> list[tuple[list[int], list[int]]]:
         return [(g.prompt_ids, r.token_ids) for g in self.groups for r in g.responses]
 
+    def logprobs(self) -> list[list[float]]:
+        """The engine's log-prob of every response token, in the order of ``pairs``."""
+        return [r.logprobs for g in self.groups for r in g.responses]
+
 
 def collect_groups(cfg: RMTConfig, questions: list[Question], prompts: list[list[int]], engine, tokenizer, verifier, name: str,
             generator) -> Rollouts:
@@ -402,10 +406,11 @@ def collect_groups(cfg: RMTConfig, questions: list[Question], prompts: list[list
 
 
 def grpo_update(cfg: RMTConfig, pairs, advantages: torch.Tensor, model, ref_model, optimizer, accelerator,
-                *, pad_id: int, horizon: int) -> dict:
+                *, pad_id: int, horizon: int, rollout_logprobs: list[list[float]] | None = None) -> dict:
     """grpo.num_iterations optimizer steps of L_RL (``losses.unified_loss`` with no NTP term) on the responses.
 
-    ``pairs``: (prompt ids, response ids) of every response; ``advantages``: one per response. The responses are
+    ``pairs``: (prompt ids, response ids) of every response; ``advantages``: one per response; ``rollout_logprobs``:
+    the engine's log-probs of each response's tokens (the log-prob gap metric, grpo.tis_cap). The responses are
     split into train.grad_accum micro-batches; the loss is normalised by the global counts over all processes.
     Returns metrics; ``finite`` is False when the step was skipped (non-finite loss or gradient).
     """
@@ -415,7 +420,8 @@ def grpo_update(cfg: RMTConfig, pairs, advantages: torch.Tensor, model, ref_mode
     norm = losses.Normalizers(rl_tokens=counts[0].item() or None, rl_sequences=counts[1].item() or None, rl_horizon=horizon)
     adv = advantages.to(device=device, dtype=torch.float32).reshape(-1, 1)
     micro = [
-        MicroBatch(pairs=[pairs[i] for i in idx], advantages=adv[idx])
+        MicroBatch(pairs=[pairs[i] for i in idx], advantages=adv[idx],
+                   rollout_logprobs=None if rollout_logprobs is None else [rollout_logprobs[i] for i in idx])
         for idx in (m.tolist() for m in np.array_split(np.arange(len(pairs)), cfg.train.grad_accum)) if idx
     ]
     return policy_update(cfg, micro, norm, model, ref_model, optimizer, accelerator, pad_id=pad_id, ntp_weight=0.0)
@@ -529,8 +535,9 @@ def _posttrain(cfg: RMTConfig, model, tokenizer, stop_at: int | None, held: cont
             metrics = {"lr": scheduler.get_last_lr()[0], **rollouts.metrics}
             metrics.update(grpo_update(
                 cfg, rollouts.pairs(), rollouts.advantages.flatten(), model, ref_model, optimizer,
-                accelerator, pad_id=pad_id, horizon=pcfg.max_response_tokens,
+                accelerator, pad_id=pad_id, horizon=pcfg.max_response_tokens, rollout_logprobs=rollouts.logprobs(),
             ))
+            engine.sync_weights(model)  # once per step, after the update: the next rollouts see the new weights
             metrics["time_step_s"] = time.perf_counter() - t0
             if not metrics.pop("finite"):
                 nonfinite_in_a_row += 1

@@ -33,6 +33,7 @@ class RLSelection:
     positions: list[tuple[int, int]]  # C as (sequence index, position), sorted
     tiers: list[int]  # the tier id of each position of C, same order
     ntp_mask: torch.Tensor | np.ndarray  # (B, L) bool, True where the NTP loss applies
+    draw_index: list[int] | None = None  # index of each position in the global draw of C (None = 0, 1, ...)
 
     def tier_counts(self) -> dict[int, int]:
         return {t: self.tiers.count(t) for t in RL_TIERS}

@@ -232,6 +232,8 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
             metrics, samples = train_step(
                 cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator
             )
+            if engine is not None:
+                engine.sync_weights(model)  # once per step, after the update: the next rollouts see the new weights
             metrics = reduce_metrics(metrics, accelerator)
             metrics["time_step_s"] = time.perf_counter() - t0
             flops_total += metrics.get("flops", 0.0)
@@ -339,9 +341,11 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
         selection = collect.select_positions(
             cfg, global_tiers, probs, step_generator(cfg.train.seed, step, 0, 0), rank, world
         )
+        # An engine with per-prompt seeds draws a position's samples from its global index (collect.position_seeds),
+        # so every process gets the same generator and the draws do not depend on the number of processes.
         rl = collect.collect(
             cfg, batch, budget, selection, engine, tokenizer,
-            sample_generator=step_generator(cfg.train.seed, step, rank, 1),
+            sample_generator=step_generator(cfg.train.seed, step, 0 if engine.seeds_per_prompt else rank, 1),
             max_context=collect.context_length(model),
         )
         metrics.update(rl.metrics)
@@ -371,8 +375,9 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
         micro.append(MicroBatch(
             sequences=[batch.input_ids[i] for i in seqs] if use_ntp else None,
             ntp_mask=torch.as_tensor(ntp_mask[seqs][:, :width], device=accelerator.device),
-            pairs=[(p, r) for _, p, r, _ in responses],
-            advantages=torch.tensor([a for *_, a in responses], dtype=torch.float32, device=accelerator.device)[:, None],
+            pairs=[(p, r) for _, p, r, _, _ in responses],
+            advantages=torch.tensor([a for _, _, _, a, _ in responses], dtype=torch.float32, device=accelerator.device)[:, None],
+            rollout_logprobs=[lp for *_, lp in responses],
         ))
     metrics.update(policy_update(
         cfg, micro, norm, model, ref_model, optimizer, accelerator,
@@ -413,7 +418,7 @@ def resolve_auto_b0(cfg: RMTConfig, run_dir: Path, data, engine, tokenizer, mode
 def count_flops(cfg, model, batch, rl, use_ntp: bool, with_ref: bool) -> float:
     """This process's FLOPs of the step (rmt.flops): training forward and backward, extra forwards, generation."""
     shape = flops.ModelShape.of(model)
-    pairs = [(len(p), len(r)) for _, p, r, _ in rl.flat()] if rl is not None else []
+    pairs = [(len(p), len(r)) for _, p, r, *_ in rl.flat()] if rl is not None else []
     distinct = {tuple(g.prompt_ids) for g in rl.groups} if rl is not None else set()
     trunks = [len(s) for s in batch.input_ids] if use_ntp else [len(p) for p in distinct]
     extra = int(cfg.grpo.num_iterations > 1) + int(with_ref)

@@ -13,6 +13,11 @@ too, not 1 up to the rounding of two different computations.
 The learning-rate scheduler is not stepped here: the caller steps it once per training step (not once per
 iteration, nor once per process as Accelerate's prepared scheduler would), so the learning rate at step t depends
 only on t and the schedule.
+
+When the micro-batches carry the rollout engine's log-probs, the first iteration's forward (which the loss needs
+anyway) also measures how far the trainer's log-probs of the sampled tokens are from the engine's:
+``logprob_gap_mean`` and ``logprob_gap_max`` (|delta| over all response tokens of all processes), the alarm for an
+engine sampling from stale weights; and ``grpo.tis_cap`` weights the policy-gradient term by the capped ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +38,27 @@ class MicroBatch:
     ntp_mask: torch.Tensor | None = None  # (B, L) bool, by target position
     pairs: list[tuple[list[int], list[int]]] | None = None  # (prompt ids, response ids) for the RL term
     advantages: torch.Tensor | None = None  # (N, 1), one per pair
+    rollout_logprobs: list[list[float]] | None = None  # the engine's log-prob of every response token, per pair
+
+
+def right_aligned(values: list[list[float]], device=None) -> torch.Tensor:
+    """(N, R) float32 with row i's values in its last len(values[i]) columns: the layout of
+    ``rmt.forward.ForwardOut.response`` (R = the longest row)."""
+    width = max((len(v) for v in values), default=0)
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for i, v in enumerate(values):
+        if v:
+            out[i, width - len(v) :] = torch.tensor(v, dtype=torch.float32)
+    return out.to(device) if device is not None else out
+
+
+def _global_gap(local: list[float], accelerator) -> dict:
+    """Mean and max |delta| over every process's response tokens, from local (sum, max, count)."""
+    stats = torch.tensor([local], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        stats = accelerator.gather(stats)
+    total, n = stats[:, 0].sum().item(), stats[:, 2].sum().item()
+    return {"logprob_gap_mean": total / n, "logprob_gap_max": stats[:, 1].max().item()} if n else {}
 
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
@@ -67,19 +93,27 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
 
     t0 = time.perf_counter()
     finite, grad_norm, totals = True, None, {}
-    for _ in range(cfg.grpo.num_iterations):
+    gap = [0.0, 0.0, 0.0]  # sum |delta|, max |delta|, tokens
+    has_rollout_lp = any(mb.pairs and mb.rollout_logprobs is not None for mb in micro)
+    for iteration in range(cfg.grpo.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         totals = {}
         for k, mb in enumerate(micro):
             sync = accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 out = _forward(model, mb, temp, pad_id)
+                rollout_lp = None
+                if mb.pairs and mb.rollout_logprobs is not None:
+                    rollout_lp = right_aligned(mb.rollout_logprobs, out.response.device)
+                    if iteration == 0:
+                        s_, m_, n_ = losses.logprob_gap(out.response, rollout_lp, out.response_mask)
+                        gap = [gap[0] + s_, max(gap[1], m_), gap[2] + n_]
                 terms = losses.unified_loss(
                     grpo=cfg.grpo, ntp_weight=ntp_weight,
                     logprobs=out.response, advantages=mb.advantages if mb.pairs else None,
                     response_mask=out.response_mask, old_logprobs=old_lp[k], ref_logprobs=ref_lp[k],
                     ntp_logprobs=out.ntp_logprobs, ntp_mask=mb.ntp_mask if mb.sequences else None,
-                    norm=norm, world_size=world,
+                    rollout_logprobs=rollout_lp, norm=norm, world_size=world,
                 )
                 if not _all_finite(terms.loss, accelerator):
                     finite = False
@@ -114,4 +148,6 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
     }
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
+    if has_rollout_lp or world > 1:  # every process joins the gather, also one without responses this step
+        metrics.update(_global_gap(gap, accelerator))
     return metrics

@@ -2,8 +2,12 @@
 
 An engine takes token-id prompts and returns, for each, a ``Group`` of ``group_size`` responses. Each response holds
 its token ids (up to and including the token that stopped it), the log-probability of every sampled token, and why
-it ended. Engines differ in how they generate (Hugging Face with a shared-prefix KV cache here; vLLM later), never in
-what they return, so the trainer and the evaluation do not know which one they use.
+it ended. Engines differ in how they generate (Hugging Face with a shared-prefix KV cache, ``rmt.rollout.hf``; vLLM,
+``rmt.rollout.vllm``), never in what they return, so the trainer and the evaluation do not know which one they use.
+
+Weights: an engine samples from the model it was made for. ``sync_weights(model)`` is called once per optimizer
+step, after the update and before the next rollouts; it is a no-op for an engine that runs the live model (HF) and a
+weight push for one that holds its own copy (vLLM).
 
 Log-probability convention (every engine follows it): the log-probability of the sampled token under the
 temperature-scaled distribution ``log_softmax(logits / temperature)``, taken *before* top-p truncation. That is the
@@ -105,7 +109,20 @@ def sample_tokens(
 
 
 class RolloutEngine(ABC):
-    """Generates groups of responses. Implementations: ``HFEngine`` (rmt.rollout.hf)."""
+    """Generates groups of responses. Implementations: ``HFEngine`` (rmt.rollout.hf), ``VLLMEngine`` (rmt.rollout.vllm).
+
+    ``seeds_per_prompt``: ``generate_groups`` takes ``seeds=`` (one per prompt) and a prompt's responses depend on its
+    seed alone, not on the other prompts of the call, so callers can make draws independent of how prompts are
+    split over calls or processes. ``continuous_batching``: the engine schedules any number of prompts itself
+    (callers need not cut a step's prompts into batches).
+    """
+
+    seeds_per_prompt: bool = False
+    continuous_batching: bool = False
+
+    def sync_weights(self, model) -> None:
+        """Make the next rollouts use ``model``'s current weights (after an optimizer step). Engines that run the
+        live model have nothing to do."""
 
     @abstractmethod
     def generate_groups(
@@ -122,7 +139,8 @@ class RolloutEngine(ABC):
         """``group_size`` responses of at most ``max_new_tokens`` tokens for each prompt, in prompt order.
 
         temperature 0 = greedy (every response of a group is the same). ``generator`` seeds the sampling
-        (None = torch's global generator).
+        (None = torch's global generator). Engines with ``seeds_per_prompt`` also take ``seeds=``: one int per
+        prompt, used instead of ``generator``.
         """
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, *, stop: StopRule) -> list[Response]:
