@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmt import evaluate as ev
+from rmt import stats
 from rmt.config import load_config
 from rmt.evaluate import EvalItem, Outcome
 from rmt.rollout import Group, Response, RolloutEngine
@@ -32,21 +33,21 @@ def _wilson_reference(k, n, z=1.96):
 
 
 def test_wilson_interval_matches_reference():
-    lo, hi = ev.wilson_interval(8, 10)
+    lo, hi = stats.wilson_interval(8, 10)
     assert (lo, hi) == pytest.approx(_wilson_reference(8, 10), abs=1e-12)
     assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the published value for 8/10
     for k, n in [(0, 10), (10, 10), (1, 3), (57, 200), (199, 200)]:
-        assert ev.wilson_interval(k, n) == pytest.approx(_wilson_reference(k, n), abs=1e-12)
-    assert ev.wilson_interval(0, 10)[0] == 0.0 and ev.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+        assert stats.wilson_interval(k, n) == pytest.approx(_wilson_reference(k, n), abs=1e-12)
+    assert stats.wilson_interval(0, 10)[0] == 0.0 and stats.wilson_interval(10, 10)[1] == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        ev.wilson_interval(3, 0)
+        stats.wilson_interval(3, 0)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 500).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
 def test_wilson_contains_the_estimate(kn):
     k, n = kn
-    lo, hi = ev.wilson_interval(k, n)
+    lo, hi = stats.wilson_interval(k, n)
     assert 0.0 <= lo <= k / n <= hi <= 1.0
 
 
@@ -55,16 +56,16 @@ def test_pass_at_k_matches_combinatorial_formula():
         for c in range(n + 1):
             for k in range(1, n + 1):
                 ref = 1.0 - math.comb(n - c, k) / math.comb(n, k)
-                assert ev.pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12)
-    assert ev.pass_at_k(8, 2, 1) == pytest.approx(0.25)
-    assert ev.pass_at_k(200, 0, 10) == 0.0 and ev.pass_at_k(200, 195, 10) == 1.0
-    assert ev.pass_ks(8) == [1, 2, 4, 8] and ev.pass_ks(6) == [1, 2, 4, 6] and ev.pass_ks(1) == [1]
+                assert stats.pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12)
+    assert stats.pass_at_k(8, 2, 1) == pytest.approx(0.25)
+    assert stats.pass_at_k(200, 0, 10) == 0.0 and stats.pass_at_k(200, 195, 10) == 1.0
+    assert stats.pass_ks(8) == [1, 2, 4, 8] and stats.pass_ks(6) == [1, 2, 4, 6] and stats.pass_ks(1) == [1]
 
 
 def test_relative_change_and_baseline_resolution():
-    assert ev.relative_change(0.6, 0.5) == pytest.approx(0.2)
-    assert ev.relative_change(0.4, 0.5) == pytest.approx(-0.2)
-    assert ev.relative_change(0.4, 0.0) is None and ev.relative_change(None, 0.5) is None
+    assert stats.relative_change(0.6, 0.5) == pytest.approx(0.2)
+    assert stats.relative_change(0.4, 0.5) == pytest.approx(-0.2)
+    assert stats.relative_change(0.4, 0.0) is None and stats.relative_change(None, 0.5) is None
     results = {"base/ntp": {"model": "base"}, "ntr": {"model": "base"}, "rmt/ntp": {"model": "rmt"}}
     assert ev.resolve_baseline(results, None) == "base/ntp"
     assert ev.resolve_baseline(results, "ntr") == "ntr"
@@ -409,16 +410,16 @@ def test_cli_eval_writes_the_table(scored, tiny_model_dir, tmp_path):
 def test_paired_bootstrap_by_hand_and_its_laws():
     # identical rows: the difference and its interval are exactly 0
     same = np.array([[1, 0, 1, 1], [0, 0, 1, 0]])
-    assert ev.paired_bootstrap(same, same) == {"diff": 0.0, "ci": [0.0, 0.0], "n": 8}
+    assert stats.paired_bootstrap(same, same) == {"diff": 0.0, "ci": [0.0, 0.0], "n": 8}
     # a constant difference of +1 at every position: every resample has it
-    got = ev.paired_bootstrap(np.ones((2, 5)), np.zeros((2, 5)), n_boot=200)
+    got = stats.paired_bootstrap(np.ones((2, 5)), np.zeros((2, 5)), n_boot=200)
     assert got["diff"] == 1.0 and got["ci"] == [1.0, 1.0]
     # one seed: half the positions +1, half 0 -> mean 0.5, interval around it, inside [0, 1]
-    got = ev.paired_bootstrap(np.array([1, 1, 0, 0] * 25), np.zeros(100), n_boot=2000, seed=1)
+    got = stats.paired_bootstrap(np.array([1, 1, 0, 0] * 25), np.zeros(100), n_boot=2000, seed=1)
     assert got["diff"] == 0.5 and 0.35 < got["ci"][0] < 0.5 < got["ci"][1] < 0.65
     # antisymmetric: swapping the rows flips the sign
     a, b = np.random.default_rng(0).integers(0, 2, (3, 40)), np.random.default_rng(1).integers(0, 2, (3, 40))
-    ab, ba = ev.paired_bootstrap(a, b, seed=3), ev.paired_bootstrap(b, a, seed=3)
+    ab, ba = stats.paired_bootstrap(a, b, seed=3), stats.paired_bootstrap(b, a, seed=3)
     assert ab["diff"] == -ba["diff"] and ab["ci"] == pytest.approx([-ba["ci"][1], -ba["ci"][0]])
     with pytest.raises(ValueError):
-        ev.paired_bootstrap(np.ones(3), np.ones(4))
+        stats.paired_bootstrap(np.ones(3), np.ones(4))

@@ -19,8 +19,8 @@ from rmt.posttrain import (
     posttrain,
     prompt_ids,
     read_questions,
-    wilson_interval,
 )
+from rmt.stats import wilson_interval
 from rmt.run_dir import read_metrics
 from rmt.verifiers import VerifierError
 
@@ -106,12 +106,13 @@ def test_answer_line_ends_at_the_newline_after_think_close():
     assert answer_line_end([0, 4, 5, 6], decode, "</think>") is None  # no </think>: never an answer line
 
 
-def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(8, 10)
-    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    lo, hi = wilson_interval(0, 20)
-    assert lo == 0.0 and 0.15 < hi < 0.17
+def test_summary_intervals_are_wilson_and_empty_is_uninformative():
+    from rmt.posttrain import summarize
+
+    row = {"correct": True, "score": 1.0, "response_tokens": 3, "think_tokens": 1, "status": "ok"}
+    got = summarize([row] * 8 + [{**row, "correct": False, "score": 0.0}] * 2)
+    assert got["accuracy"] == 0.8 and got["accuracy_ci95"] == list(wilson_interval(8, 10))
+    assert summarize([])["accuracy_ci95"] == [0.0, 1.0]
 
 
 # --- the synthetic task and its warm-started tiny model -----------------------------------------------------------

@@ -40,6 +40,7 @@ from rmt.errors import DataError, ModelError, TrainingError
 from rmt.fileio import atomic_write_text
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
+from rmt.stats import wilson_interval
 from rmt.run_dir import MetricsLog, check_run_dir_path, make_accelerator, open_run_dir_on_main
 from rmt.trainer import _flat, _save, _StopFlag, batch_indices, make_scheduler, save_final, step_generator
 from rmt.update import MicroBatch, policy_update
@@ -259,17 +260,6 @@ def usable_questions(cfg: RMTConfig, tokenizer, questions: list[Question], max_c
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default); (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def answer_questions(model, tokenizer, questions: list[Question], cfg: RMTConfig, verifier=None) -> list[dict]:
     """Greedy answers to ``questions``, scored: one dict per question (prediction, score, correct, status, tokens)."""
     name = verifier_name(cfg)
@@ -296,7 +286,7 @@ def summarize(results: list[dict]) -> dict:
     response and thinking length in tokens, malformed share (no closed </think> or no parsable answer)."""
     n = len(results)
     correct = sum(r["correct"] for r in results)
-    lo, hi = wilson_interval(correct, n)
+    lo, hi = wilson_interval(correct, n) if n else (0.0, 1.0)
     mean = lambda key: sum(r[key] for r in results) / n if n else 0.0  # noqa: E731
     return {
         "n": n,
