@@ -26,13 +26,14 @@ SMALL = dict(base_problems=400, midtrain_problems=80, eval_problems=40, posttrai
 
 # sha256 of the files written by write_corpus(EmbeddedConfig(seed=0, **SMALL)) with reasoning-gym 0.1.25.
 # A change here means the default corpus changed: bump CORPUS_FORMAT and say so in docs/embedded.md.
-# Format 2 (empty think blocks) changed "base" only; FORMAT1_BASE is its file with embedded.empty_think=0.
+# Format 3 changed "base" (scratchpads inside values; empty blocks never inside a value) and "posttrain" (a "terms"
+# field); FORMAT1_BASE is the base file with embedded.empty_think, inside_think and compact_steps all 0.
 FORMAT1_BASE = "e28b2a030effee11c01d55efb59481e49b48f44ac01582bc54c386ed5236df6b"
 EXPECTED_SHA256 = {
-    "base": "1fed35a95f2d9d2d8fa7d360d3ed16763069e041a6c00aa4f4ec4df496fb8042",
+    "base": "d09bdacd06df6622c517448a57868aeced950f1cd4c950119dd25cdeab4c0b4b",
     "midtrain": "16d19991a51664baf5ecb4b09dbdef46f2448c439c36116add1a2d6bf8d66c52",
     "eval": "5b79c519b2cd9d7f3a2fff5abe672223764cd473d9f4ba1b9862f2168d5b2eab",
-    "posttrain": "9d230aed2547ac1cbd20a5db750ee05dc9c81d654f782bedf79aafd43bd3d6fc",
+    "posttrain": "d05dc9f6228b4b15a31dc075313c6c85e2271f3906711c71321ce92abdccda2c",
 }
 
 

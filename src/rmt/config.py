@@ -454,7 +454,7 @@ class EmbeddedConfig(Section):
         "(prompt.skip_restatement).",
     )
     compact_steps: float = Field(
-        0.5,
+        0.0,
         ge=0.0,
         le=1.0,
         description="In a thinking base document, chance that a line's steps are written as running results only (8;11;15) instead of "
