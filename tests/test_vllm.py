@@ -348,7 +348,8 @@ def test_posttrain_and_eval_with_vllm_equal_the_hf_engine(tok_dir, corpus, tmp_p
 
     # rmt eval in reasoning mode over two checkpoints: the same table with either engine (greedy).
     models = {"base": str(path), "post": str(runs["vllm"] / "final")}
-    overrides = [*corpus, "eval.positions_per_tier=4", "eval.budget=3", "budget.answer_allowance=2", "eval.modes=[reasoning]"]
+    overrides = [*corpus, "eval.positions_per_tier=4", "eval.budget=3", "budget.answer_allowance=2", "eval.modes=[reasoning]",
+                 "eval.max_response_tokens=10"]
     tables = {}
     for engine in ("hf", "vllm"):
         cfg = load_config("rmt", [*overrides, f"rollout.engine={engine}", f"output.dir={tmp_path / ('eval-' + engine)}"])
