@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +253,81 @@ def test_held_out_splits_do_not_depend_on_the_base_size():
     for split in ("midtrain", "eval", "posttrain"):
         assert small[split] == bigger[split]
     assert small["base"] == bigger["base"][: len(small["base"])]
+
+
+TINY_PRETRAIN = ["pretrain.hidden_size=32", "pretrain.num_layers=1", "pretrain.num_heads=2", "pretrain.intermediate_size=64",
+                 "pretrain.seq_len=32", "pretrain.batch_size=4", "pretrain.vocab_size=300", "pretrain.steps=3",
+                 "pretrain.warmup_steps=1", "pretrain.probe_problems=0"]
+
+
+def _ship(monkeypatch, tmp_path, cfg) -> Path:
+    """Train ``cfg``'s base model in one cache and ship it (as reproduce_base_model.py --install does)."""
+    from rmt.embedded import cache
+    from rmt.pretrain import DONE_FILE
+
+    monkeypatch.setenv("RMT_CACHE", str(tmp_path / "trained"))
+    arts = ensure_embedded(load_config(None, [*cfg, "pretrain.use_shipped=false"]), progress=False)
+    monkeypatch.setattr(cache, "SHIPPED_DIR", tmp_path / "shipped")
+    shipped = cache.shipped_model_dir(load_config(None, cfg))
+    shipped.mkdir(parents=True)
+    for f in (*cache.SHIPPED_FILES, DONE_FILE):
+        if (arts.base_model_dir / f).is_file():
+            shutil.copyfile(arts.base_model_dir / f, shipped / f)
+    return shipped
+
+
+def test_shipped_base_model_is_used_instead_of_training(tmp_path, monkeypatch):
+    from rmt import pretrain
+    from rmt.pretrain import is_complete
+
+    cfg = [f"embedded.{k}={v}" for k, v in SMALL.items()] + TINY_PRETRAIN
+    shipped = _ship(monkeypatch, tmp_path, cfg)
+
+    def boom(*a, **k):
+        raise AssertionError("trained although a matching base model is shipped")
+
+    monkeypatch.setattr(pretrain, "train_base_model", boom)
+    monkeypatch.setenv("RMT_CACHE", str(tmp_path / "fresh"))
+    arts = ensure_embedded(load_config(None, cfg), progress=False)
+    assert is_complete(arts.base_model_dir)
+    assert (arts.base_model_dir / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    # the copy is an ordinary, loadable cache entry that records this machine's corpus and tokenizer paths
+    run = json.loads((arts.base_model_dir / pretrain.RUN_FILE).read_text())
+    assert run["corpus"] == str(arts.base_path.resolve()) and run["tokenizer"] == str(arts.tokenizer_dir.resolve())
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(arts.base_model_dir), use_safetensors=True)
+    # pretrain.use_shipped=false trains (here: reaches the patched trainer)
+    monkeypatch.setenv("RMT_CACHE", str(tmp_path / "own"))
+    with pytest.raises(AssertionError, match="trained although"):
+        ensure_embedded(load_config(None, [*cfg, "pretrain.use_shipped=false"]), progress=False)
+
+
+def test_shipped_base_model_with_another_tokenizer_is_not_used(tmp_path, monkeypatch, caplog):
+    from rmt import pretrain
+
+    cfg = [f"embedded.{k}={v}" for k, v in SMALL.items()] + TINY_PRETRAIN
+    shipped = _ship(monkeypatch, tmp_path, cfg)
+    tok = json.loads((shipped / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300 - 40], list(vocab)[300 - 41]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two merged tokens swap ids: same config, other tokenizer
+    (shipped / "tokenizer.json").write_text(json.dumps(tok))
+    trained = []
+    monkeypatch.setattr(pretrain, "train_base_model", lambda *a, **k: trained.append(1) or (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setenv("RMT_CACHE", str(tmp_path / "fresh"))
+    with pytest.raises(RuntimeError, match="stop"):
+        ensure_embedded(load_config(None, cfg), progress=False)
+    assert trained and "another tokenizer" in caplog.text
+
+
+def test_the_package_ships_the_default_base_model():
+    """Changing the default recipe (embedded, pretrain, tokenizer, corpus format) needs a re-shipped base model:
+    ``python benchmarks/reproduce_base_model.py --install``."""
+    from rmt.embedded.cache import SHIPPED_DIR, shipped_model_dir
+    from rmt.pretrain import DONE_FILE
+
+    shipped = shipped_model_dir(load_config(None, []))
+    assert (shipped / DONE_FILE).is_file(), f"{shipped.name} is not shipped; have: {[p.name for p in SHIPPED_DIR.glob('base-*')]}"
+    assert (shipped / "model.safetensors").is_file() and (shipped / "probe.json").is_file()
+    assert [p.name for p in SHIPPED_DIR.glob("base-*")] == [shipped.name]  # no stale copies in the package

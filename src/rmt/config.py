@@ -524,6 +524,12 @@ class PretrainConfig(Section):
     save_every: int = Field(100, ge=1, description="Atomic checkpoint every N steps (resume is exact: optimizer, scheduler, RNG, data position).")
     keep_checkpoints: bool = Field(False, description="Keep the last checkpoint after training ends (off: deleted once the model is saved).")
     seed: int = Field(0, description="Seed of initialisation, held-out split and data order.")
+    use_shipped: bool = Field(
+        True,
+        description="Embedded default only: copy the base model shipped with the package (src/rmt/embedded/base_models/) "
+        "instead of training it, when it was trained from exactly this config, corpus and tokenizer (checked by the cache key and "
+        "by comparing tokenizers). false = train it here (benchmarks/reproduce_base_model.py compares the two).",
+    )
     probe_problems: int = Field(
         500, ge=0, description="After training the embedded base model: post-training problems and mid-training values probed for the reasoning report (0 = skip)."
     )

@@ -38,7 +38,8 @@ CKPT_DIR = "checkpoints"
 TOKENIZE_BATCH = 1024
 # pretrain fields that do not change the trained weights: left out of a run's identity and of the cache key
 BOOKKEEPING_FIELDS = frozenset(
-    {"corpus", "tokenizer", "output_dir", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "probe_problems"}
+    {"corpus", "tokenizer", "output_dir", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "probe_problems",
+     "use_shipped"}
 )
 
 

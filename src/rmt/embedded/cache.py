@@ -23,6 +23,7 @@ from rmt.config import EmbeddedConfig, RMTConfig
 from rmt.embedded.corpus import CORPUS_FORMAT, read_jsonl, reasoning_gym_version, write_corpus
 
 log = logging.getLogger(__name__)
+SHIPPED_DIR = Path(__file__).parent / "base_models"  # base models trained by `rmt pretrain`, shipped so a first run skips it
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,42 @@ def _build_dir(target: Path, build) -> None:
         raise
 
 
+def shipped_model_dir(cfg: RMTConfig) -> Path:
+    """Where the package would hold a pre-built copy of this config's base model (it may not)."""
+    return SHIPPED_DIR / f"base-{model_key(cfg)}"
+
+
+SHIPPED_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "metrics.jsonl", "probe.json")
+
+
+def _copy_shipped(cfg: RMTConfig, arts: EmbeddedArtifacts) -> bool:
+    """Copy the shipped base model into the cache if it was trained from this very config, corpus and tokenizer.
+
+    The cache key already covers the config, the corpus generator's version and reasoning-gym's; the tokenizer is
+    compared too, since it is trained here from the corpus and is what the weights index into.
+    """
+    from rmt.pretrain import DONE_FILE, RUN_FILE, _run_identity
+
+    src = shipped_model_dir(cfg)
+    if not (src / DONE_FILE).is_file():
+        return False
+    if json.loads((src / "tokenizer.json").read_text()) != json.loads((arts.tokenizer_dir / "tokenizer.json").read_text()):
+        log.warning("the shipped base model %s was trained with another tokenizer than this machine built; training it here", src.name)
+        return False
+
+    def build(d: Path) -> None:
+        for f in (*SHIPPED_FILES, DONE_FILE):
+            if (src / f).is_file():
+                shutil.copyfile(src / f, d / f)
+        identity = _run_identity(cfg.pretrain, arts.base_path, arts.tokenizer_dir, "text")
+        (d / RUN_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+    log.info("using the base model shipped with rmt (%s; pretrain.use_shipped=false trains it here instead)", src.name)
+    _build_dir(arts.base_model_dir, build)
+    return True
+
+
 def ensure_embedded(cfg: RMTConfig, model: bool = True, progress: bool = True) -> EmbeddedArtifacts:
     """Build what is missing of the embedded default (corpus, tokenizer, base model) and reuse what exists.
 
@@ -134,6 +171,8 @@ def ensure_embedded(cfg: RMTConfig, model: bool = True, progress: bool = True) -
             from rmt.embedded.probe import probe_base_model
             from rmt.pretrain import is_complete, train_base_model
 
+            if not arts.base_model_dir.exists() and cfg.pretrain.use_shipped:
+                _copy_shipped(cfg, arts)
             if not is_complete(arts.base_model_dir):
                 log.info("pretraining the embedded base model in %s", arts.base_model_dir)
                 train_base_model(
