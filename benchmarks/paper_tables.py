@@ -13,8 +13,8 @@
 3. **Post-training table** (the paper's transfer table). GRPO post-training (``rmt.posttrain``) from the base, NTP,
    RPT and RMT checkpoints of every seed for the same number of steps, on a mix of two tasks: the embedded
    post-training split's regular problems (chain_sum, 3-4 one-digit terms) and problems with ``TRANSFER_TERMS``
-   terms (the corpus' novel problems when ``embedded.novel_terms`` is set: mid-training text holds them plain, the
-   base corpus never; generated here otherwise). Greedy accuracy on held-out questions of each task before and after,
+   terms (the corpus' long problems when ``embedded.long_terms`` is 5: mid-training text holds them plain, the
+   base corpus rarely; generated here otherwise). Greedy accuracy on held-out questions of each task before and after,
    the accuracy-vs-step curve on the transfer task, and paired comparisons of the starts.
 
 Sizes: ``presets/demo/paper.yaml``; ``--steps`` and ``--posttrain-steps`` on top; ``--quick`` is a minutes-long
@@ -277,7 +277,7 @@ def posttrain_data(args) -> dict[str, Path]:
     """Question/answer JSONL files: a training mix of the two tasks and one held-out set per task.
 
     In-distribution: the post-training split's regular problems. Transfer: its novel problems when the corpus has
-    them (embedded.novel_terms), topped up with generated ones that are in no corpus split."""
+    them (embedded.long_terms), topped up with generated ones that are in no corpus split."""
     import reasoning_gym
 
     folder = args.out / "posttrain_data"
