@@ -106,7 +106,6 @@ class InfoGain:
     logp_base: Tensor  # (C,): log p_ema(x_t | x_<t)
     groups: list[Group]  # the responses cut to their thoughts (+ the predictor's tokens with train_answer)
     teacher_forced: list[list[int]]  # per group, per response: trailing tokens trained by cross-entropy (0 without train_answer)
-    forward_trunks: list[int]  # lengths of the sequences and prompts the two passes read (for the FLOPs count)
 
 
 def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tuple[int, int]], groups: list[Group], *,
@@ -123,7 +122,7 @@ def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tu
     C, G = len(groups), len(groups[0].responses) if groups else 0
     if not pairs:
         empty = torch.zeros((0, 0))
-        return InfoGain(empty, empty, torch.zeros(0), [], [], [])
+        return InfoGain(empty, empty, torch.zeros(0), [], [])
 
     rows = sorted({b for b, _ in positions})
     row_of = {b: i for i, b in enumerate(rows)}
@@ -151,5 +150,4 @@ def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tu
             k += 1
         cut_groups.append(Group(group.prompt_ids, responses))
         forced_counts.append(counts)
-    trunks = [len(p) for p in prefixes] + [len(p) for p in {tuple(g.prompt_ids) for g in groups}]
-    return InfoGain(rewards, logp_think, logp_base, cut_groups, forced_counts, trunks)
+    return InfoGain(rewards, logp_think, logp_base, cut_groups, forced_counts)
