@@ -195,9 +195,9 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
         model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
     )
     scheduler = make_scheduler(cfg, optimizer, T)
+    ema = make_ema(cfg, model, accelerator)  # the information-gain reward's no-think baseline (rmt.rlp), or None
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    ema = make_ema(cfg, model)  # the information-gain reward's no-think baseline (rmt.rlp); None for other rewards
     start_step, flops_total = 0, 0.0
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
@@ -337,13 +337,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 EMA_FILE = "ema"  # checkpoint file ema.safetensors: the EMA model of reward.kind=information_gain
 
 
-def make_ema(cfg: RMTConfig, model) -> rlp.EMAModel | None:
-    """The EMA copy of the model that the information-gain reward compares with (starts as the model itself)."""
+def make_ema(cfg: RMTConfig, model, accelerator) -> rlp.EMAModel | None:
+    """The EMA copy of the model that the information-gain reward compares with (starts as the model itself; made
+    before ``accelerator.prepare`` wraps the model)."""
     if not (cfg.train.rl and cfg.reward.kind == "information_gain"):
         return None
-    from rmt.forward import _sharded
-
-    if _sharded(model):
+    if "FSDP" in str(accelerator.distributed_type):
         raise TrainingError("reward.kind=information_gain keeps a full EMA copy of the model: not supported with FSDP (use DDP)")
     return rlp.EMAModel(model)
 
