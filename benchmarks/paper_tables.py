@@ -1,7 +1,7 @@
 """The paper's two tables at small scale, on the embedded default, with paired comparisons (docs/results.md).
 
-1. **Main table** (SPEC section 4; the paper's language-modelling table and its ablations). Mid-train NTP, RPT, RMT
-   and the ablations rmt-no-dtb, rmt-no-cas, rmt-no-ntp from the same base model at equal steps x sequences, plus
+1. **Main table** (SPEC section 4; the paper's language-modelling table and its ablations). Mid-train NTP, RPT, RLP
+   (the information-gain reward, docs/rlp.md), RMT and the ablations rmt-no-dtb, rmt-no-cas, rmt-no-ntp from the same base model at equal steps x sequences, plus
    NTP given the same training FLOPs as RMT (``ntp-flops``: more steps, counted with ``rmt.flops``), for each seed;
    evaluate every model on the same fixed, seeded held-out positions: the base model in NTP mode, NTR (the base
    model reasoning), every mid-trained model in reasoning mode and in NTP mode. Accuracy per tier, on the positions
@@ -9,9 +9,10 @@
    random ones, reasoning length, training FLOPs.
 2. **Paired comparisons**: the difference between two rows on the same positions, with a 95% bootstrap interval
    over seeds and positions (``rmt.evaluate.paired_bootstrap``): NTR vs the base model, RMT vs NTP (its better
-   mode), RMT vs RPT, RMT vs NTP at equal FLOPs, each ablation vs RMT; and RMT's reasoning length vs RPT's.
+   mode), RMT vs RPT, RMT and RPT vs RLP, RMT vs NTP at equal FLOPs, each ablation vs RMT; and RMT's reasoning length
+   vs RPT's.
 3. **Post-training table** (the paper's transfer table). GRPO post-training (``rmt.posttrain``) from the base, NTP,
-   RPT and RMT checkpoints of every seed for the same number of steps, on a mix of two tasks: the embedded
+   RPT, RLP and RMT checkpoints of every seed for the same number of steps, on a mix of two tasks: the embedded
    post-training split's regular problems (chain_sum, 3-4 one-digit terms) and problems with ``TRANSFER_TERMS``
    terms (the corpus' long problems when ``embedded.long_terms`` is 5: mid-training text holds them plain, the
    base corpus rarely; generated here otherwise). Greedy accuracy on held-out questions of each task before and after,
@@ -50,9 +51,9 @@ from rmt.config import PRESET_DIR, RMTConfig, load_config
 
 log = logging.getLogger("paper_tables")
 
-METHODS = ("ntp", "rpt", "rmt", "rmt-no-dtb", "rmt-no-cas", "rmt-no-ntp")
+METHODS = ("ntp", "rpt", "rlp", "rmt", "rmt-no-dtb", "rmt-no-cas", "rmt-no-ntp")
 NTP_FLOPS = "ntp-flops"  # NTP trained for as many FLOPs as RMT (derived, not a preset)
-POSTTRAIN_STARTS = ("base", "ntp", "rpt", "rmt")
+POSTTRAIN_STARTS = ("base", "ntp", "rpt", "rlp", "rmt")
 LAYERS = [PRESET_DIR / "demo" / "paper.yaml"]  # self-contained sizes, independent of the demo's
 TIERS = ("easy", "medium", "hard")
 TRANSFER_TERMS = 5  # chain_sum terms of the transfer task (the base corpus holds 3-4)
@@ -243,6 +244,9 @@ def comparisons(args, evals: dict, groups: dict[str, np.ndarray]) -> list[dict]:
         pairs.append((f"RMT vs NTP ({best.split('/')[1]} mode, its better one)", "rmt/reasoning", best, ("computed", "all")))
     if "rpt" in methods and "rmt" in methods:
         pairs.append(("RMT vs RPT", "rmt/reasoning", "rpt/reasoning", ("computed", "all")))
+    for other in ("rmt", "rpt"):
+        if "rlp" in methods and other in methods:
+            pairs.append((f"{LABELS[other]} vs RLP", f"{other}/reasoning", "rlp/reasoning", ("computed", "all")))
     if NTP_FLOPS in methods:
         best = better_mode(evals, NTP_FLOPS, groups["computed"])
         pairs.append((f"RMT vs NTP at RMT's FLOPs ({best.split('/')[1]} mode)", "rmt/reasoning", best, ("computed", "all")))
@@ -355,7 +359,7 @@ def posttrain_comparisons(args, post: dict) -> list[dict]:
     seeds = list(post)
     starts = list(next(iter(post.values())))
     out = []
-    for a, b in (("rmt", "ntp"), ("rmt", "base"), ("rmt", "rpt"), ("ntp", "base")):
+    for a, b in (("rmt", "ntp"), ("rmt", "base"), ("rmt", "rpt"), ("rmt", "rlp"), ("ntp", "base")):
         if a not in starts or b not in starts:
             continue
         for task in ("eval_transfer", "eval_indist"):
@@ -421,7 +425,7 @@ def mean_or_none(values):
     return float(np.mean(values)) if values else None
 
 
-LABELS = {"ntp": "NTP", "rpt": "RPT", "rmt": "RMT", NTP_FLOPS: "NTP at RMT's FLOPs"}
+LABELS = {"ntp": "NTP", "rpt": "RPT", "rlp": "RLP", "rmt": "RMT", NTP_FLOPS: "NTP at RMT's FLOPs"}
 
 
 def main_rows(args) -> list[tuple[str, str]]:
@@ -477,7 +481,7 @@ def training_table(args, trained: dict) -> str:
         rows = [trained[s][m] for s in seeds]
         f = lambda key, fmt="{:.1f}": (lambda v: "–" if v is None else fmt.format(v))(mean_or_none([r.get(key) for r in rows]))  # noqa: E731
         flops = mean_or_none([r.get("flops_total") for r in rows])
-        budget = "–" if rows[0].get("budget_first") is None or m in ("rpt", "ntp", NTP_FLOPS) else f"{f('budget_first', '{:.0f}')} / {f('budget_last', '{:.0f}')}"
+        budget = "–" if rows[0].get("budget_first") is None or m in ("rpt", "rlp", "ntp", NTP_FLOPS) else f"{f('budget_first', '{:.0f}')} / {f('budget_last', '{:.0f}')}"
         lines.append(f"| {LABELS.get(m, m)} | {f('steps', '{:.0f}')} | {'–' if flops is None else f'{flops / 1e12:.3g}'} | {f('train_s', '{:.0f}')} | "
                      f"{f('step_s_mean')} | {f('rl_positions_per_step', '{:.0f}')} | {budget} | {f('think_len_last')} | "
                      f"{f('rollout_accuracy', '{:.3f}')} | {f('ntp_loss_last', '{:.3f}')} |")

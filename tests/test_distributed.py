@@ -61,7 +61,7 @@ def run_args(base, out, preset, *extra):
             "rollout.group_size=2", "budget.b0=4", "train.lr=1e-3", "train.save_every=2", *extra]
 
 
-@pytest.mark.parametrize("preset", ["ntp", "rmt"])
+@pytest.mark.parametrize("preset", ["ntp", "rmt", "rlp"])
 def test_two_processes_match_one_process(corpus, tmp_path, preset):
     base, root = corpus
     if not (root / "prep" / "scored").exists():

@@ -71,11 +71,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, tensors: dict[str, dict] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``.
 
     ``state_dict``: the full weights when they had to be gathered first (sharded models); None = the model's own.
+    ``tensors``: more state to keep, name -> {key: tensor}, written as ``<name>.safetensors`` (``load_tensors``).
     """
+    from safetensors.torch import save_file
+
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
@@ -87,6 +90,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
                 tokenizer.save_pretrained(str(tmp / "model"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, values in (tensors or {}).items():
+                save_file(values, str(tmp / f"{name}.safetensors"))
             (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
         swap_into_place(tmp, final)  # re-saving the same step (e.g. after an interrupt) replaces it whole
     except BaseException as e:
@@ -180,3 +185,14 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: {e}") from None
     return state
+
+
+def load_tensors(ckpt: Path, name: str) -> dict:
+    """The tensors a checkpoint saved under ``name`` (``save_checkpoint(tensors=...)``)."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / f"{name}.safetensors"
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - missing or damaged, named
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: cannot read {path.name} ({e})") from None

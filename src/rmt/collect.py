@@ -5,7 +5,9 @@ The engines that generate live in ``rmt.rollout``; the log-probabilities for the
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +17,7 @@ from rmt import losses, prompts, rewards, sampling, schedules
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
 from rmt.rollout import Group, Response, RolloutEngine, StopRule, make_engine as _make_engine
-from rmt.tiers import TIER_NAMES
+from rmt.tiers import NTP_ONLY, RL_TIERS, TIER_NAMES
 
 PREFIX_CONTINUATION = 16  # true next tokens given to the prefix-matching reward
 
@@ -74,6 +76,7 @@ class RLData:
     rewards: torch.Tensor  # (|C|, G)
     advantages: torch.Tensor  # (|C|, G)
     generated: list[tuple[int, int]] = field(default_factory=list)  # (prompt length, tokens generated) per response
+    teacher_forced: list[list[int]] | None = None  # per group, per response: trailing tokens trained by cross-entropy
     metrics: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
 
@@ -91,12 +94,15 @@ class RLData:
 
     def flat(self, seq_subset: set[int] | None = None):
         """(sequence index, prompt ids, response ids, advantage, rollout log-probs) of every response, optionally for
-        some sequences."""
+        some sequences. The advantage is a float, or a list with one value per token when the response ends in
+        teacher-forced tokens (``teacher_forced``): those get 1, the cross-entropy gradient at ratio 1."""
         out = []
-        for (b, _pos), group, adv in zip(self.selection.positions, self.groups, self.advantages):
+        forced = self.teacher_forced or [[0] * len(g.responses) for g in self.groups]
+        for (b, _pos), group, adv, tails in zip(self.selection.positions, self.groups, self.advantages, forced):
             if seq_subset is not None and b not in seq_subset:
                 continue
-            for r, a in zip(group.responses, adv.tolist()):
+            for r, a, k in zip(group.responses, adv.tolist(), tails):
+                a = [a] * (len(r.token_ids) - k) + [1.0] * k if k else a
                 out.append((b, group.prompt_ids, r.token_ids, a, r.logprobs))
         return out
 
@@ -202,40 +208,159 @@ def position_seeds(generator: torch.Generator, selection: sampling.RLSelection) 
     return [int(np.random.SeedSequence([base, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> 2) for i in index]
 
 
+@dataclass
+class Scored:
+    """Rolled-out groups at some positions, with their rewards: one round of ``collect``."""
+
+    positions: list[tuple[int, int]]
+    tiers: list[int]
+    groups: list[Group]  # the responses the loss trains on
+    parsed: list[list[prompts.ParsedResponse]]
+    parts: list[list[rewards.Reward]]
+    rewards: torch.Tensor  # (C, G)
+    teacher_forced: list[list[int]]  # trailing response tokens trained by cross-entropy (reward.train_answer)
+    logp: dict = field(default_factory=dict)  # information gain: logp_think (C, G), logp_base (C,)
+
+    def take(self, index: list[int]) -> "Scored":
+        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+        return Scored(pick(self.positions), pick(self.tiers), pick(self.groups), pick(self.parsed), pick(self.parts),
+                      self.rewards[index] if index else self.rewards[:0], pick(self.teacher_forced),
+                      {k: v[index] for k, v in self.logp.items()})
+
+    @staticmethod
+    def join(pieces: list["Scored"]) -> "Scored":
+        first = pieces[0]
+        cat = lambda name: [x for p in pieces for x in getattr(p, name)]  # noqa: E731
+        return Scored(cat("positions"), cat("tiers"), cat("groups"), cat("parsed"), cat("parts"),
+                      torch.cat([p.rewards for p in pieces]), cat("teacher_forced"),
+                      {k: torch.cat([p.logp[k] for p in pieces]) for k in first.logp})
+
+
+# (sequences, positions, groups) -> rmt.rlp.InfoGain: the information-gain reward's two passes, bound to the models.
+Scorer = Callable[[list[list[int]], list[tuple[int, int]], list[Group]], object]
+
+
+def score_groups(cfg: RMTConfig, sequences, positions, tiers, out: Rollouts, prompt_budget: int | None,
+                 scorer: Scorer | None = None) -> Scored:
+    """Rewards of rolled-out groups: the match reward of each parsed response (reward.kind=match), or the
+    information gain of each thought (reward.kind=information_gain; ``scorer`` runs the two passes, rmt.rlp)."""
+    G = cfg.rollout.group_size
+    parts = [
+        [rewards.response_reward(p.prediction, p.think_tokens, truth, prompt_budget, cfg.reward, p.prediction_id) for p in row]
+        for row, truth in zip(out.parsed, out.truths)
+    ]
+    if cfg.reward.kind == "match":
+        reward_t = torch.tensor([[r.total for r in row] for row in parts], dtype=torch.float32).reshape(len(out.groups), G)
+        return Scored(list(positions), list(tiers), out.groups, out.parsed, parts, reward_t, [[0] * G for _ in out.groups])
+    if scorer is None:
+        raise ValueError("reward.kind=information_gain needs the scorer of rmt.rlp (the model and its EMA copy)")
+    gain = scorer(sequences, list(positions), out.groups)
+    # The sampled answer after </think> is not rewarded; its match is kept for the accuracy metrics.
+    parts = [[rewards.Reward(float(r), p.match, 0.0) for r, p in zip(row_r, row_p)] for row_r, row_p in zip(gain.rewards.tolist(), parts)]
+    return Scored(list(positions), list(tiers), gain.groups, out.parsed, parts, gain.rewards, gain.teacher_forced,
+                  {"logp_think": gain.logp_think, "logp_base": gain.logp_base})
+
+
+def extra_draw_size(missing: int, kept: int, drawn: int, left: int) -> int:
+    """Positions to roll out next when filling the RL set with informative groups: enough for ``missing`` groups at
+    the share kept so far (kept / drawn, at least 1/4, so a round whose groups were all uniform still tries), and
+    at most ``left`` (what remains of the cap on extra generation)."""
+    rate = max(kept / drawn, 0.25) if drawn else 1.0
+    return max(0, min(left, math.ceil(missing / rate)))
+
+
+def informative(reward_rows: torch.Tensor) -> list[int]:
+    """Indices of the groups whose G rewards are not all equal (the others have zero advantage)."""
+    return [i for i, row in enumerate(reward_rows) if bool((row != row[0]).any())]
+
+
 def collect(cfg: RMTConfig, batch, budget: int, selection: sampling.RLSelection, engine: RolloutEngine, tokenizer, *,
-            sample_generator, max_context: int = 1 << 30) -> RLData:
-    """Roll out G responses per position of C, parse and reward them, and compute group advantages."""
+            sample_generator, max_context: int = 1 << 30, scorer: Scorer | None = None, probs=None,
+            extra_generator: torch.Generator | None = None) -> RLData:
+    """Roll out G responses per position of C, reward them, and compute group advantages.
+
+    rollout.filter_groups: drop the groups whose rewards are all equal and fill C back with informative groups from
+    extra positions of this process's sequences (drawn from ``extra_generator`` by the curriculum's ``probs``), up
+    to rollout.filter_max_extra x |C| extra positions; dropped positions go back to the NTP term.
+    """
     prompt_budget = budget if cfg.budget.enabled else None
     cap = schedules.response_cap(prompt_budget, cfg.budget.answer_allowance, cfg.rollout.max_response_tokens)
     t0 = time.perf_counter()
-    # Per-position seeds make a position's samples independent of the process that rolls it out (the trainer then
-    # passes the same generator to every process).
-    seeds = position_seeds(sample_generator, selection) if engine.seeds_per_prompt else None
-    out = roll_out(
-        cfg, engine, tokenizer, batch.input_ids, selection.positions, prompt_budget, cap,
-        group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature, generator=sample_generator, seeds=seeds,
-        batch_size=cfg.rollout.positions_per_batch, max_context=max_context,
-    )
+    generated, n_cut = [], 0
+
+    def round_of(sel: sampling.RLSelection, generator) -> Scored:
+        nonlocal n_cut
+        # Per-position seeds make a position's samples independent of the process that rolls it out (the trainer
+        # then passes the same generator to every process).
+        seeds = position_seeds(generator, sel) if engine.seeds_per_prompt else None
+        out = roll_out(
+            cfg, engine, tokenizer, batch.input_ids, sel.positions, prompt_budget, cap,
+            group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature, generator=generator, seeds=seeds,
+            batch_size=cfg.rollout.positions_per_batch, max_context=max_context,
+        )
+        generated.extend(out.generated)
+        n_cut += out.prompts_cut
+        return score_groups(cfg, batch.input_ids, sel.positions, sel.tiers, out, prompt_budget, scorer)
+
+    scored = round_of(selection, sample_generator)
+    ntp_mask, filter_metrics = selection.ntp_mask, {}
+    if cfg.rollout.filter_groups:
+        scored, ntp_mask, filter_metrics = _fill_informative(cfg, batch, scored, selection, probs, extra_generator, round_of)
     rollout_s = time.perf_counter() - t0
 
-    G = cfg.rollout.group_size
-    reward_rows, parsed_all, reward_parts = [], [], []
-    for parsed_row, truth in zip(out.parsed, out.truths):
-        row = []
-        for parsed in parsed_row:
-            rw = rewards.response_reward(parsed.prediction, parsed.think_tokens, truth, prompt_budget, cfg.reward, parsed.prediction_id)
-            row.append(rw.total)
-            parsed_all.append(parsed)
-            reward_parts.append(rw)
-        reward_rows.append(row)
-    reward_t = torch.tensor(reward_rows, dtype=torch.float32).reshape(len(out.groups), G)
-    advantages = losses.group_advantages(reward_t, cfg.grpo.adv_eps)
-
+    advantages = losses.group_advantages(scored.rewards, cfg.grpo.adv_eps)
+    kept_selection = sampling.RLSelection(scored.positions, scored.tiers, ntp_mask)
+    data = RLData(kept_selection, scored.groups, scored.rewards, advantages, generated, teacher_forced=scored.teacher_forced)
+    parsed_all = [p for row in scored.parsed for p in row]
+    reward_parts = [r for row in scored.parts for r in row]
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
-    data = RLData(selection, out.groups, reward_t, advantages, out.generated)
-    data.metrics = _metrics(cfg, batch, data, parsed_all, reward_parts, budget, out.cap, out.prompts_cut, rollout_s)
+    data.metrics = _metrics(cfg, batch, data, parsed_all, reward_parts, budget, cap, n_cut, rollout_s)
+    data.metrics.update(filter_metrics)
+    data.metrics["generated_tokens"] = sum(n for _, n in generated)
+    data.metrics["informative_groups"] = len(informative(scored.rewards))
+    for name, values in scored.logp.items():
+        if values.numel():
+            data.metrics[f"{name}_mean"] = float(values.mean())
     data.samples = _samples(batch, data, parsed_all, reward_parts, tokenizer, decode)
     return data
+
+
+def _fill_informative(cfg: RMTConfig, batch, scored: Scored, selection, probs, generator, round_of):
+    """Dynamic sampling (rollout.filter_groups): keep the informative groups of C and add informative groups from
+    extra positions until C is full again or the cap on extra positions is spent. Extra positions are drawn from
+    this process's sequences, never twice the same, by the curriculum's tier probabilities."""
+    if probs is None or generator is None:
+        raise ValueError("rollout.filter_groups needs the tier probabilities and a generator for the extra positions")
+    target = len(scored.groups)
+    left = math.ceil(cfg.rollout.filter_max_extra * target)
+    pieces = [scored.take(informative(scored.rewards))]
+    drawn_tiers, kept, rounds = list(selection.tiers), len(pieces[0].groups), 0
+    candidates = [list(row) for row in batch.tiers]  # tiers with every drawn position taken out of the candidates
+    for b, pos in selection.positions:
+        candidates[b][pos] = NTP_ONLY
+    while kept < target and left > 0:
+        n = extra_draw_size(target - kept, kept, len(drawn_tiers), left)
+        extra = sampling.sample_rl_set(
+            candidates, probs, generator, positions_per_sequence=math.ceil(n / len(candidates)), max_positions=n
+        )
+        if not extra.positions:
+            break  # no candidate left in this process's sequences
+        for b, pos in extra.positions:
+            candidates[b][pos] = NTP_ONLY
+        round_scored = round_of(extra, generator)
+        pieces.append(round_scored.take(informative(round_scored.rewards)))
+        drawn_tiers += extra.tiers
+        left, rounds, kept = left - len(extra.positions), rounds + 1, kept + len(pieces[-1].groups)
+    out = Scored.join(pieces).take(list(range(min(kept, target))))
+    ntp_mask = selection.ntp_mask.copy() if isinstance(selection.ntp_mask, np.ndarray) else selection.ntp_mask.clone()
+    for b, pos in selection.positions:
+        ntp_mask[b, pos] = True  # dropped positions go back to the NTP term; the kept ones are taken out below
+    for b, pos in out.positions:
+        ntp_mask[b, pos] = False
+    metrics = {"filter_drawn": len(drawn_tiers), "filter_dropped": len(drawn_tiers) - kept, "filter_kept": len(out.groups),
+               "filter_rounds": rounds}
+    metrics.update({f"drawn_{TIER_NAMES[t]}": drawn_tiers.count(t) for t in RL_TIERS})
+    return out, ntp_mask, metrics
 
 
 def measure_think_lengths(cfg: RMTConfig, engine: RolloutEngine, tokenizer, data, *, max_context: int = 1 << 30) -> list[int]:

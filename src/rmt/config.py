@@ -319,6 +319,17 @@ class RolloutConfig(Section):
         description="Prefill each prompt once and copy its KV cache to the G responses (SPEC section 5); "
         "off = prefill G copies (the reference, same samples, slower).",
     )
+    filter_groups: bool = Field(
+        False,
+        description="Dynamic sampling (DAPO): drop the RL positions whose G rewards are all equal (zero advantage: they cost "
+        "rollouts and teach nothing), and fill the RL set back with informative groups from extra positions of the same "
+        "sequences (drawn by the curriculum, seeded by the step); dropped positions return to the NTP term. Off = paper fidelity.",
+    )
+    filter_max_extra: float = Field(
+        1.0, ge=0.0,
+        description="With filter_groups: extra positions rolled out per step at most this multiple of the RL set's size "
+        "(1.0 = at most twice the generation). The RL set may stay smaller when the cap is spent.",
+    )
     vllm: VLLMConfig = VLLMConfig()
 
     @model_validator(mode="after")
@@ -340,6 +351,23 @@ class RewardConfig(Section):
     )
     length_weight: float = Field(0.2, ge=0.0, le=1.0, description="w in r = (1-w) r_match + w r_len. The paper gives no number; ours.")
     r_max: float = Field(1.0, gt=0.0, description="Peak of the triangular length reward. The paper gives no number; ours.")
+    kind: Literal["match", "information_gain"] = Field(
+        "match",
+        description="match = (1-w) r_match + w r_len (RMT, RPT). information_gain = RLP's r = log p(x_t | x_<t, thought) - "
+        "log p_ema(x_t | x_<t) (arXiv 2510.01265; docs/rlp.md): dense, no answer parsing, no length reward, only the thought "
+        "tokens are trained. Raw prompts only.",
+    )
+    ema_tau: float = Field(
+        0.999, ge=0.0, lt=1.0,
+        description="information_gain: the no-think baseline is an EMA copy of the model, ema <- tau * ema + (1 - tau) * theta "
+        "after every optimizer step (RLP: 0.999); saved with each checkpoint.",
+    )
+    train_answer: bool = Field(
+        False,
+        description="information_gain: also train the true next token after each thought (and a closing marker the thought "
+        "lacked) by cross-entropy, the gradient of the reward's first term; off = only the thought tokens (RLP). Needs "
+        "rollout.temperature=1 (the training forward reads it at the sampling temperature).",
+    )
 
 
 class GRPOConfig(Section):
@@ -635,6 +663,13 @@ class RMTConfig(Section):
             )
         if not self.train.rl and self.ntp.weight == 0:
             raise ValueError("train.rl=false with ntp.weight=0 leaves no loss: set ntp.weight > 0 or train.rl=true")
+        if self.reward.kind == "information_gain" and self.prompt.style != "raw":
+            raise ValueError("reward.kind=information_gain reads the true next token right after </think>: it needs prompt.style=raw")
+        if self.reward.kind == "information_gain" and self.reward.train_answer and self.rollout.temperature != 1.0:
+            raise ValueError(
+                f"reward.train_answer needs rollout.temperature=1 (got {self.rollout.temperature}): the training forward "
+                "reads the answer token at the sampling temperature"
+            )
         return self
 
 

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt import collect, flops, losses, schedules
+from rmt import collect, flops, losses, rlp, schedules
 from rmt.checkpoint import (
     list_checkpoints,
     load_checkpoint,
+    load_tensors,
     load_trainer_state,
     model_folder_problem,
     save_checkpoint,
@@ -194,6 +195,7 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
         model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
     )
     scheduler = make_scheduler(cfg, optimizer, T)
+    ema = make_ema(cfg, model, accelerator)  # the information-gain reward's no-think baseline (rmt.rlp), or None
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step, flops_total = 0, 0.0
@@ -201,6 +203,8 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler)
         start_step, flops_total = state["step"], state.get("flops_total", 0.0)
+        if ema is not None:
+            ema.load_tensors(load_tensors(checkpoints[-1], EMA_FILE))
         log.info("resuming from %s (step %d of %d)", checkpoints[-1], start_step, T)
     if start_step >= T:
         problem = model_folder_problem(run_dir / "final")
@@ -230,7 +234,8 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
             picked = data.select(rows[rank::world].tolist())
             batch = Batch(picked["input_ids"], picked["tier"], picked["computed"])
             metrics, samples = train_step(
-                cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator
+                cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator,
+                ema=ema,
             )
             if engine is not None:
                 engine.sync_weights(model)  # once per step, after the update: the next rollouts see the new weights
@@ -257,7 +262,8 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "budget", "ntp_loss") if k in metrics})
             if step % cfg.train.save_every == 0 or step == T or stop.requested:
-                _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, {"flops_total": flops_total})
+                _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, {"flops_total": flops_total},
+                      tensors={EMA_FILE: ema.tensors()} if ema is not None else None)
     bar.close()
     if step >= T:
         save_final(model, tokenizer, accelerator, run_dir / "final")
@@ -269,11 +275,12 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
 
 # Per-process metrics that add up to the step's value (loss terms are contributions under global normalisers).
 SUM_KEYS = ("loss", "ntp_loss", "rl_loss", "policy_loss", "kl", "ntp_tokens", "rl_tokens", "rl_positions", "flops",
-            "tier_easy", "tier_medium", "tier_hard", "prompts_truncated")
+            "tier_easy", "tier_medium", "tier_hard", "prompts_truncated", "generated_tokens", "informative_groups",
+            "filter_drawn", "filter_dropped", "filter_kept", "drawn_easy", "drawn_medium", "drawn_hard")
 # Per-process means, averaged over the processes that have them.
 MEAN_KEYS = ("reward", "reward_match", "reward_length", "rollout_accuracy", "think_len_mean", "think_len_p90",
              "response_len_mean", "malformed_frac", "truncated_frac", "mixed_groups_frac", "clip_fraction",
-             "rollout_accuracy_computed", "rollout_accuracy_random")
+             "rollout_accuracy_computed", "rollout_accuracy_random", "logp_think_mean", "logp_base_mean", "filter_rounds")
 
 
 def reduce_metrics(metrics: dict, accelerator) -> dict:
@@ -294,14 +301,16 @@ def reduce_metrics(metrics: dict, accelerator) -> dict:
     return out
 
 
-def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, extra_state: dict | None = None) -> None:
-    """Checkpoint from the main process; the full weights are gathered on every process first (FSDP shards them)."""
+def _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, extra_state: dict | None = None,
+          tensors: dict | None = None) -> None:
+    """Checkpoint from the main process; the full weights are gathered on every process first (FSDP shards them).
+    ``tensors``: more safetensors files of the checkpoint (name -> tensors), e.g. the EMA model."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_checkpoint(
             run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-            {"preset": cfg.preset, **(extra_state or {})}, cfg.train.keep_last, state_dict=state_dict,
+            {"preset": cfg.preset, **(extra_state or {})}, cfg.train.keep_last, state_dict=state_dict, tensors=tensors,
         )
     accelerator.wait_for_everyone()
 
@@ -325,8 +334,37 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator):
-    """One optimizer step (mu of them on the same rollouts when grpo.num_iterations > 1).
+EMA_FILE = "ema"  # checkpoint file ema.safetensors: the EMA model of reward.kind=information_gain
+
+
+def make_ema(cfg: RMTConfig, model, accelerator) -> rlp.EMAModel | None:
+    """The EMA copy of the model that the information-gain reward compares with (starts as the model itself; made
+    before ``accelerator.prepare`` wraps the model)."""
+    if not (cfg.train.rl and cfg.reward.kind == "information_gain"):
+        return None
+    if "FSDP" in str(accelerator.distributed_type):
+        raise TrainingError("reward.kind=information_gain keeps a full EMA copy of the model: not supported with FSDP (use DDP)")
+    return rlp.EMAModel(model)
+
+
+def make_scorer(cfg: RMTConfig, model, ema, tokenizer, accelerator):
+    """The information-gain reward's two passes bound to this step's models (None for match rewards)."""
+    if ema is None:
+        return None
+    import functools
+
+    return functools.partial(
+        rlp.information_gain_rewards, model, ema,
+        close_id=tokenizer.encode(cfg.prompt.think_close, add_special_tokens=False)[0],
+        eos_ids=() if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,),
+        pad_id=tokenizer.pad_token_id or 0, train_answer=cfg.reward.train_answer, autocast=accelerator.autocast,
+    )
+
+
+def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, engine, optimizer, scheduler, accelerator,
+               ema=None):
+    """One optimizer step (mu of them on the same rollouts when grpo.num_iterations > 1). ``ema``: the EMA model of
+    the information-gain reward, moved towards the model after the update.
 
     Returns (metrics, sample completions); metrics["finite"] is False when the step was skipped.
     """
@@ -346,7 +384,8 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
         rl = collect.collect(
             cfg, batch, budget, selection, engine, tokenizer,
             sample_generator=step_generator(cfg.train.seed, step, 0 if engine.seeds_per_prompt else rank, 1),
-            max_context=collect.context_length(model),
+            max_context=collect.context_length(model), scorer=make_scorer(cfg, model, ema, tokenizer, accelerator),
+            probs=probs, extra_generator=step_generator(cfg.train.seed, step, rank, 2),
         )
         metrics.update(rl.metrics)
         metrics["time_rollout_s"] = time.perf_counter() - t0
@@ -376,19 +415,31 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
             sequences=[batch.input_ids[i] for i in seqs] if use_ntp else None,
             ntp_mask=torch.as_tensor(ntp_mask[seqs][:, :width], device=accelerator.device),
             pairs=[(p, r) for _, p, r, _, _ in responses],
-            advantages=torch.tensor([a for _, _, _, a, _ in responses], dtype=torch.float32, device=accelerator.device)[:, None],
+            advantages=advantage_tensor([(r, a) for _, _, r, a, _ in responses], accelerator.device),
             rollout_logprobs=[lp for *_, lp in responses],
         ))
     metrics.update(policy_update(
         cfg, micro, norm, model, ref_model, optimizer, accelerator,
         pad_id=tokenizer.pad_token_id or 0, ntp_weight=cfg.ntp.weight,
     ))
+    if ema is not None and metrics["finite"]:
+        ema.update(model, cfg.reward.ema_tau)
     n_tokens = sum(len(s) for s in batch.input_ids) + (rl.num_response_tokens if rl else 0)
     metrics["train_tokens_per_s"] = n_tokens * cfg.grpo.num_iterations / max(metrics["time_train_s"], 1e-9)
     metrics["flops"] = count_flops(cfg, model, batch, rl, use_ntp, ref_model is not None)
     if torch.cuda.is_available():
         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics, (rl.samples if rl else [])
+
+
+def advantage_tensor(responses: list[tuple[list[int], float | list[float]]], device) -> torch.Tensor:
+    """From (response ids, advantage) pairs: (N, 1) with one advantage per response, or (N, R) right-aligned (the
+    layout of the log-probs) when some response has one per token (``collect.RLData.flat``)."""
+    if not any(isinstance(a, list) for _, a in responses):
+        return torch.tensor([a for _, a in responses], dtype=torch.float32, device=device)[:, None]
+    from rmt.update import right_aligned
+
+    return right_aligned([a if isinstance(a, list) else [a] * len(r) for r, a in responses], device)
 
 
 AUTO_B0_FILE = "budget_b0.json"
@@ -422,7 +473,16 @@ def count_flops(cfg, model, batch, rl, use_ntp: bool, with_ref: bool) -> float:
     distinct = {tuple(g.prompt_ids) for g in rl.groups} if rl is not None else set()
     trunks = [len(s) for s in batch.input_ids] if use_ntp else [len(p) for p in distinct]
     extra = int(cfg.grpo.num_iterations > 1) + int(with_ref)
-    return flops.step_flops(
+    reward_passes = 0.0
+    if rl is not None and cfg.reward.kind == "information_gain":
+        # The reward's passes without gradient: the policy over each prompt and its thoughts (one more forward over
+        # the responses), the EMA model over each sequence up to its last RL position.
+        extra += 1
+        ends = {}
+        for b, pos in rl.selection.positions:
+            ends[b] = max(ends.get(b, 0), pos + 1)
+        reward_passes = sum(flops.sequence_forward_flops(shape, n) for n in [len(p) for p in distinct] + list(ends.values()))
+    return reward_passes + flops.step_flops(
         shape, trunks, [pr for pr in pairs if pr[1]], [len(p) for p in distinct], rl.generated if rl is not None else [],
         extra_forwards=extra if pairs else 0, iterations=cfg.grpo.num_iterations,
     )["total"]
