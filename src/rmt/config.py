@@ -416,6 +416,25 @@ class EvalConfig(Section):
     )
 
 
+class PreflightConfig(Section):
+    """Pre-flight check of the reasoning format, before the first RL step of `rmt train` and before reasoning mode
+    of `rmt eval` (rmt/preflight.py): the model is prompted as the stage prompts it at `positions` positions of the
+    corpus, one response each, and the share of responses that close the thinking block and give a parsable answer is
+    measured. A model that never saw the format scores near 0: every reward would be 0 and every reasoning-mode
+    accuracy 0. Below `min_wellformed` the stage stops and says how to go on. The measurement is recorded
+    (preflight.json and the first metrics row of a run; each reasoning row of eval.json)."""
+
+    positions: int = Field(32, ge=0, description="Positions measured (one response each). 0 = no check.")
+    min_wellformed: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="Least share of well-formed responses (closed thinking block and a parsable answer). At 0.2 a group "
+        "of G = 8 has at least one scorable response 83% of the time; the failure this guards against measures ~0.",
+    )
+    on_fail: Literal["stop", "warn"] = Field(
+        "stop", description="Below min_wellformed: stop with a message (stop), or log it and go on anyway (warn, for experts)."
+    )
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/rmt", description="Run directory: checkpoints, metrics.jsonl, config.yaml, report.")
     overwrite: bool = Field(False, description="Replace an existing run directory made with a different config.")
@@ -615,6 +634,7 @@ class RMTConfig(Section):
     ntp: NTPConfig = NTPConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    preflight: PreflightConfig = PreflightConfig()
     output: OutputConfig = OutputConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     pretrain: PretrainConfig = PretrainConfig()
