@@ -77,6 +77,16 @@ class DataConfig(Section):
     )
     format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="Input format; auto = by extension.")
     text_field: str = Field("text", description="Field holding the document text in JSONL / Parquet / HF datasets.")
+    document_split: Literal["auto", "file", "blank_lines", "size"] = Field(
+        "auto",
+        description="How text files are cut into documents (the unit of the train/eval split): file = one document per file; "
+        "blank_lines = at runs of blank lines, consecutive paragraphs joined up to data.document_chars characters (a "
+        "longer paragraph cut at line breaks); size = pieces of data.document_chars characters cut at line breaks. "
+        "auto = blank_lines for a single text file, file for a folder. JSONL, Parquet and datasets: one document per record.",
+    )
+    document_chars: int = Field(
+        2000, ge=100, description="Most characters per document when data.document_split cuts text files (blank_lines, size)."
+    )
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="Undecodable UTF-8 bytes: strict = error naming the file and byte offset; replace = U+FFFD."
     )
@@ -84,7 +94,11 @@ class DataConfig(Section):
     min_tokens: int = Field(8, ge=2, description="Chunks shorter than this are dropped (a position needs a prefix).")
     pack: bool = Field(False, description="Pack documents across boundaries into full sequences (off: never cross a boundary).")
     add_bos: bool = Field(True, description="Start each document with the tokenizer's BOS token when it has one.")
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document).")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Share of documents held out for evaluation (split by document). An eval split that comes out empty is an "
+        "error; 0 = no eval split, on purpose.",
+    )
     eval_path: str | None = Field(
         None,
         description="A separate held-out corpus for the eval split (then every document of data.path trains and "
