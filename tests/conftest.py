@@ -32,12 +32,19 @@ LR_WARMUP2_T6 = {
 }
 LR_WARMUP2_T6_ARGS = ("train.total_steps=6", "train.warmup_steps=2")
 
+# The random test models cannot reason in the thinking format: the pre-flight check warns instead of stopping.
+PREFLIGHT_WARN = "preflight.on_fail=warn"
+
 
 def text_corpus(root, model_dir, texts=CORPUS_TEXTS, seq_len: int = 32) -> list[str]:
-    """Write ``texts`` to ``root/c.jsonl``; the overrides that point a config at it, the model and ``root/prep``."""
+    """Write ``texts`` to ``root/c.jsonl``; the overrides that point a config at it, the model and ``root/prep``.
+
+    With ``preflight.on_fail=warn``: the random tiny model closes its thinking block in ~6% of responses, so the
+    pre-flight check would stop every RL run and reasoning evaluation; tests/test_preflight.py tests the check."""
     src = root / "c.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return [f"model.path={model_dir}", f"data.path={src}", f"data.prepared_dir={root / 'prep'}", f"data.seq_len={seq_len}"]
+    return [f"model.path={model_dir}", f"data.path={src}", f"data.prepared_dir={root / 'prep'}", f"data.seq_len={seq_len}",
+            PREFLIGHT_WARN]
 
 
 def build_tiny_tokenizer(path, texts=TINY_TEXT, vocab_size=300):

@@ -77,6 +77,16 @@ class DataConfig(Section):
     )
     format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="Input format; auto = by extension.")
     text_field: str = Field("text", description="Field holding the document text in JSONL / Parquet / HF datasets.")
+    document_split: Literal["auto", "file", "blank_lines", "size"] = Field(
+        "auto",
+        description="How text files are cut into documents (the unit of the train/eval split): file = one document per file; "
+        "blank_lines = at runs of blank lines, consecutive paragraphs joined up to data.document_chars characters (a "
+        "longer paragraph cut at line breaks); size = pieces of data.document_chars characters cut at line breaks. "
+        "auto = blank_lines for a single text file, file for a folder. JSONL, Parquet and datasets: one document per record.",
+    )
+    document_chars: int = Field(
+        2000, ge=100, description="Most characters per document when data.document_split cuts text files (blank_lines, size)."
+    )
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="Undecodable UTF-8 bytes: strict = error naming the file and byte offset; replace = U+FFFD."
     )
@@ -84,7 +94,11 @@ class DataConfig(Section):
     min_tokens: int = Field(8, ge=2, description="Chunks shorter than this are dropped (a position needs a prefix).")
     pack: bool = Field(False, description="Pack documents across boundaries into full sequences (off: never cross a boundary).")
     add_bos: bool = Field(True, description="Start each document with the tokenizer's BOS token when it has one.")
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out for evaluation (split by document).")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Share of documents held out for evaluation (split by document). An eval split that comes out empty is an "
+        "error; 0 = no eval split, on purpose.",
+    )
     eval_path: str | None = Field(
         None,
         description="A separate held-out corpus for the eval split (then every document of data.path trains and "
@@ -444,6 +458,25 @@ class EvalConfig(Section):
     )
 
 
+class PreflightConfig(Section):
+    """Pre-flight check of the reasoning format, before the first RL step of `rmt train` and before reasoning mode
+    of `rmt eval` (rmt/preflight.py): the model is prompted as the stage prompts it at `positions` positions of the
+    corpus, one response each, and the share of responses that close the thinking block and give a parsable answer is
+    measured. A model that never saw the format scores near 0: every reward would be 0 and every reasoning-mode
+    accuracy 0. Below `min_wellformed` the stage stops and says how to go on. The measurement is recorded
+    (preflight.json and the first metrics row of a run; each reasoning row of eval.json)."""
+
+    positions: int = Field(32, ge=0, description="Positions measured (one response each). 0 = no check.")
+    min_wellformed: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="Least share of well-formed responses (closed thinking block and a parsable answer). At 0.2 a group "
+        "of G = 8 has at least one scorable response 83% of the time; the failure this guards against measures ~0.",
+    )
+    on_fail: Literal["stop", "warn"] = Field(
+        "stop", description="Below min_wellformed: stop with a message (stop), or log it and go on anyway (warn, for experts)."
+    )
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/rmt", description="Run directory: checkpoints, metrics.jsonl, config.yaml, report.")
     overwrite: bool = Field(False, description="Replace an existing run directory made with a different config.")
@@ -649,6 +682,7 @@ class RMTConfig(Section):
     ntp: NTPConfig = NTPConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    preflight: PreflightConfig = PreflightConfig()
     output: OutputConfig = OutputConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -453,6 +453,13 @@ def format_table(results: dict, baseline_label: str, rule: str | None = None) ->
               + (f" Reasoning mode: one generation cap for every model, {', '.join(map(str, caps))} tokens." if caps else "")
               + (f" Scoring: {rule}" if rule else "")]
 
+    checked = {k: r["preflight"] for k, r in results.items() if r.get("preflight", {}).get("measured")}
+    if checked:
+        n_checked = max(c["measured"] for c in checked.values())
+        lines += ["", f"Pre-flight check of the reasoning format ({n_checked} positions, before the evaluation): well-formed "
+                  "responses (closed thinking block and a parsable answer) "
+                  + ", ".join(f"{k} {_pct(c['wellformed_frac'], 0)}%" + ("" if c.get("passed", True) else " (below the threshold)")
+                              for k, c in checked.items()) + "."]
     reasoning = {k: r for k, r in results.items() if r.get("average_prefix") is not None}
     if reasoning:
         lines += ["", "Prefix match (RPT's reward: the prediction is any whole number of the true next tokens):", "",
@@ -598,6 +605,7 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
     modes = [m for m in MODES if m in cfg.eval.modes]
     budget = eval_budget(cfg) if "reasoning" in modes else None
     device = pick_device()
+    checks = check_reasoning_format(cfg, models, items, sequences, budget, device, meta["tokenizer_fingerprint"]) if "reasoning" in modes else {}
     results: dict[str, dict] = {}
     for name, path in models.items():
         path = _model_folder(path)
@@ -607,6 +615,8 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
             if label in results:
                 raise ValueError(f"two rows are labelled {label!r}: rename a model")
             results[label] = {"path": path, **evaluate_model(cfg, name, model, tokenizer, eval_set, sequences, mode, budget=budget)}
+            if mode == "reasoning" and name in checks:
+                results[label]["preflight"] = checks[name]
         del model
         gc.collect()
         if device.type == "cuda":
@@ -643,6 +653,40 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
     atomic_write_text(out_path.with_suffix(".md"), "# Next-token accuracy by tier\n\n" + table + "\n")
     log.info("evaluation written to %s and %s", out_path, out_path.with_suffix(".md"))
     return evaluation
+
+
+def check_reasoning_format(cfg: RMTConfig, models: dict[str, str], items: Sequence[EvalItem], sequences, budget: int | None,
+                           device, fingerprint: str) -> dict[str, dict]:
+    """The pre-flight check of reasoning mode (rmt.preflight), for every model before any is evaluated: prompted as
+    reasoning mode prompts it, at preflight.positions items of the evaluation set, does it close its thinking block
+    and give a parsable answer? Stops (ModelError) when one does not and preflight.on_fail is stop. Returns
+    {model name: measurement}."""
+    from rmt import preflight
+    from rmt.collect import context_length, make_engine
+
+    if cfg.preflight.positions == 0:
+        return {}
+    picked = [items[i] for i in preflight.eval_positions(items, cfg.preflight.positions, cfg.eval.seed)]
+    temperature = 0.0 if cfg.eval.samples == 1 else cfg.eval.temperature
+    checks: dict[str, dict] = {}
+    for name, path in models.items():
+        model, tokenizer = _load(name, _model_folder(path), cfg, device, fingerprint)
+        record = preflight.measure(cfg, make_engine(cfg, model, tokenizer), tokenizer, sequences,
+                                   [(it.row, it.pos) for it in picked], budget, eval_cap(cfg), temperature, cfg.eval.seed,
+                                   context_length(model))
+        record.update(min_wellformed=cfg.preflight.min_wellformed, passed=preflight.passes(record, cfg.preflight.min_wellformed))
+        checks[name] = record
+        del model
+        gc.collect()
+    failed = [n for n, r in checks.items() if not r["passed"]]
+    for name, record in checks.items():
+        others = [f"{n} {100 * checks[n]['wellformed_frac']:.0f}%" for n in failed if n != name]
+        preflight.decide(
+            cfg, f"reasoning-mode evaluation of model {name} ({models[name]})"
+            + (f" (also below the threshold: {', '.join(others)})" if others else ""), record,
+            also="or evaluate NTP mode only (--mode ntp)",
+        )
+    return checks
 
 
 def check_evaluation_plan(cfg: RMTConfig, models: dict[str, str], out_path: Path) -> None:

@@ -25,10 +25,10 @@ LOCK_FILE = ".lock"
 # Files the tools may put in a run folder before a run starts there (`rmt eval` writes its results to output.dir).
 TOOL_FILES = {LOCK_FILE, "eval.json", "eval.md"}
 # What a run writes into its folder (deleted when output.overwrite restarts a folder made with another config).
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "done.json")
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "done.json", "preflight.json")
 
 # Sections that do not affect what `rmt train` computes (evaluation, other stages).
-RESUMABLE_SECTIONS = {"eval", "posttrain"}
+RESUMABLE_SECTIONS = {"eval", "posttrain", "preflight"}
 # Fields that may change between a run and its resumption without changing what the run computes.
 RESUMABLE_CHANGES = {("output", "overwrite"), ("output", "dir"), ("train", "tracker"), ("train", "log_every"), ("train", "sample_every"),
                      ("train", "save_every"), ("train", "keep_last")}

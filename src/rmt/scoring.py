@@ -338,6 +338,13 @@ def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
         "counts": hist_counts.tolist(),
     }
     summary["eligible_train_positions"] = int(fine.sum())
+    from rmt.tier_sanity import sanity_report
+
+    summary["sanity"] = sanity_report(
+        load_scored(prepared, "train"), summary["splits"]["train"],
+        summary["splits"].get("eval"), tokenizer, vocab, tier_rule=cfg.scoring.tier_rule, thresholds=thresholds,
+        fine=fine, fine_bin=FINE_BIN, eval_per_tier=cfg.eval.positions_per_tier, seed=cfg.data.seed,
+    )
     (prepared / "scores" / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -365,6 +372,11 @@ def format_summary(summary: dict) -> str:
             f"{split}: min_context {summary['min_context']} kept {sum(excluded.values())} positions out of the RL tiers "
             f"(counted as ntp_only above; they would have been {parts})"
         )
+    sanity = summary.get("sanity")
+    if sanity:
+        from rmt.tier_sanity import format_contents
+
+        lines += format_contents(sanity)
     hist = summary["histogram"]
     peak = max(hist["counts"]) or 1
     lines.append("entropy histogram of RL-eligible train positions (nats):")
@@ -372,4 +384,5 @@ def format_summary(summary: dict) -> str:
     for i in range(nonzero[0], nonzero[-1] + 1):
         c = hist["counts"][i]
         lines.append(f"  [{hist['bin_edges'][i]:5.2f}, {hist['bin_edges'][i + 1]:5.2f})  {c:8d} {'#' * round(40 * c / peak)}")
+    lines += [f"warning: {w}" for w in (sanity or {}).get("warnings", [])]
     return "\n".join(lines)

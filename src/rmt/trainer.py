@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt import collect, flops, losses, rlp, schedules
+from rmt import collect, flops, losses, preflight, rlp, schedules
 from rmt.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -222,6 +222,12 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
     engine = collect.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
     if cfg.budget.b0 == "auto":
         cfg = resolve_auto_b0(cfg, run_dir, data, engine, tokenizer, model, accelerator)
+    # Before the first RL step: can the model reason in the configured template? (stops the run when it cannot)
+    if start_step == 0:
+        checked = preflight.check_train(cfg, run_dir, data, engine, tokenizer, model, schedules.budget_at(0, T, cfg.budget), accelerator)
+    else:
+        checked = preflight.read_record(run_dir)
+    preflight_metrics = preflight.metrics_of(checked)  # recorded in the first metrics row written
 
     nonfinite_in_a_row = 0
     bar = tqdm(total=T, initial=start_step, desc=f"train {cfg.preset}", disable=not accelerator.is_main_process)
@@ -256,7 +262,8 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
             scheduler.step()  # once per training step, skipped or not
             step += 1
             if step % cfg.train.log_every == 0 or step == T:
-                metrics_log.log(step, metrics)
+                metrics_log.log(step, {**metrics, **preflight_metrics})
+                preflight_metrics = {}
             if step % cfg.train.sample_every == 0:
                 metrics_log.samples(step, samples)
             bar.update(1)

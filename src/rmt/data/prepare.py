@@ -68,7 +68,8 @@ def chunk(ids: list[int], computed: list[int], seq_len: int, min_tokens: int) ->
 
 def _all_documents(cfg: RMTConfig, sources: list[tuple[Path, str | None]]) -> Iterator[dict]:
     for path, split in sources:
-        for doc in read_documents(path, cfg.data.format, cfg.data.text_field, cfg.data.encoding_errors):
+        for doc in read_documents(path, cfg.data.format, cfg.data.text_field, cfg.data.encoding_errors,
+                                  cfg.data.document_split, cfg.data.document_chars):
             yield {**doc, "split": split}
 
 
@@ -136,8 +137,18 @@ def prepare_meta(cfg: RMTConfig, tokenizer, sources) -> dict:
         "tokenizer": tokenizer.name_or_path,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
-        "data": cfg.data.model_dump(mode="json", exclude={"prepared_dir"}),
+        "data": cfg.data.model_dump(mode="json", exclude={"prepared_dir"} | _unused_fields(cfg, sources)),
     }
+
+
+def _unused_fields(cfg: RMTConfig, sources) -> set[str]:
+    """Settings that cannot change this corpus, left out of its identity (so that a corpus prepared before they
+    existed is still up to date): how text files are cut, when no source is text."""
+    from rmt.data.readers import detect_format
+
+    if any(detect_format(Path(p), cfg.data.format) == "text" for p, _ in sources if Path(p).exists()):
+        return set()
+    return {"document_split", "document_chars"}
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
@@ -307,6 +318,8 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
             counts[split]["tokens"] = int(sum(len(x) for x in part.with_format("numpy")["input_ids"])) if len(part) else 0
         if counts["train"]["sequences"] == 0:
             raise DataError(f"corpus {source}: the training split is empty (lower data.eval_fraction)")
+        if counts["eval"]["sequences"] == 0 and (cfg.data.eval_fraction > 0 or cfg.data.eval_path is not None):
+            raise DataError(empty_eval_message(cfg, source, stats))
         del rows
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps({**meta, "counts": counts}, indent=2))
@@ -317,9 +330,27 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
             raise OSError(e.errno, e.strerror or str(e), str(out)) from None
         raise
     log.info("prepared %s: %s", out, counts)
-    if counts["eval"]["sequences"] == 0 and cfg.data.eval_fraction > 0:
-        log.warning("the eval split is empty (%d documents); evaluation needs more documents", stats["documents"])
     return out
+
+
+def empty_eval_message(cfg: RMTConfig, source, stats: dict) -> str:
+    """Why the eval split came out empty, and the ways to fill it (an empty eval split is an error: `rmt eval`
+    would have nothing to judge; data.eval_fraction=0 asks for none)."""
+    if cfg.data.eval_path is not None:
+        return (f"the eval corpus {cfg.data.eval_path} gave no sequence: its {stats['eval_documents']} documents are "
+                f"empty or shorter than data.min_tokens={cfg.data.min_tokens} tokens")
+    n = stats["documents"]
+    why = (f"corpus {source}: the eval split is empty: data.eval_fraction={cfg.data.eval_fraction:g} of {n} "
+           f"document{'s' if n != 1 else ''} put {stats['eval_documents']} in it"
+           + (" (shorter than data.min_tokens)" if stats["eval_documents"] else "") + ". ")
+    ways = []
+    if n < 20:
+        ways.append("give more documents: a text file is cut into documents at blank lines by default "
+                    "(data.document_split=blank_lines, documents of up to data.document_chars characters); "
+                    "data.document_split=size cuts text without blank lines, and a smaller data.document_chars makes more documents")
+    ways.append("raise data.eval_fraction")
+    ways.append("give a separate held-out corpus with data.eval_path")
+    return why + "To fill it: " + "; or ".join(ways) + ". To prepare without an eval split, set data.eval_fraction=0."
 
 
 def _build_rows(cfg: RMTConfig, tokenizer, sources, stats: dict, features, cache_dir: Path):

@@ -9,6 +9,7 @@ document computes, as opposed to random operands (SPEC section 8). Every problem
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,10 +52,74 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
-def read_text(path: Path, errors: str) -> Iterator[dict]:
-    """One document per text file."""
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # a run of lines with nothing on them, and the whitespace after
+
+
+def cut_to_size(text: str, size: int) -> list[str]:
+    """``text`` in pieces of at most ``size`` characters, each cut after the last line break in its second half, else
+    after the last whitespace there, else at ``size`` exactly. Lossless: the pieces join back into ``text``."""
+    pieces = []
+    while len(text) > size:
+        window = text[:size]
+        cut = window.rfind("\n") + 1
+        if cut <= size // 2:
+            cut = max(window.rfind(" "), window.rfind("\t")) + 1
+        if cut <= size // 2:
+            cut = size
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + ([text] if text else [])
+
+
+def split_text(text: str, mode: str, size: int) -> list[str]:
+    """Documents of one text file (data.document_split). Lossless: the documents join back into ``text``.
+
+    - ``file``: the whole file is one document.
+    - ``blank_lines``: cut at runs of blank lines (paragraphs); consecutive paragraphs are joined into documents of at
+      most ``size`` characters, so a document keeps some context; a paragraph longer than ``size`` is cut by
+      ``cut_to_size`` (at line breaks, else at whitespace).
+    - ``size``: ``cut_to_size`` alone: pieces of at most ``size`` characters, cut at line breaks where possible.
+    """
+    if mode == "file":
+        return [text] if text else []
+    if mode == "size":
+        return cut_to_size(text, size)
+    if mode != "blank_lines":
+        raise ValueError(f"unknown document split {mode!r}")
+    paragraphs, start = [], 0
+    for m in _BLANK_LINES.finditer(text):
+        paragraphs.append(text[start : m.end()])
+        start = m.end()
+    if start < len(text):
+        paragraphs.append(text[start:])
+    docs: list[str] = []
+    current = ""
+    for para in paragraphs:
+        if current and len(current) + len(para) > size:
+            docs.append(current)
+            current = ""
+        if len(para) > size:
+            *whole, current = cut_to_size(para, size)
+            docs += whole
+        else:
+            current += para
+    return docs + ([current] if current else [])
+
+
+def text_split_mode(path: Path, mode: str) -> str:
+    """data.document_split=auto: a single text file is cut at blank lines; each file of a folder is one document."""
+    if mode != "auto":
+        return mode
+    return "blank_lines" if path.is_file() else "file"
+
+
+def read_text(path: Path, errors: str, split: str = "file", size: int = 2000) -> Iterator[dict]:
+    """The documents of a text file or a folder of text files: by default one per file; ``split`` (data.document_split)
+    cuts each file into several (``split_text``)."""
+    split = text_split_mode(path, split)
     for f in _text_files(path):
-        yield {"text": _decode(f.read_bytes(), str(f), errors), "computed_spans": []}
+        for doc in split_text(_decode(f.read_bytes(), str(f), errors), split, size):
+            yield {"text": doc, "computed_spans": []}
 
 
 def read_jsonl(path: Path, field: str, errors: str) -> Iterator[dict]:
@@ -118,14 +183,17 @@ def read_table(path: Path, fmt: str, field: str) -> Iterator[dict]:
         yield {"text": text, "computed_spans": _spans(row["computed_spans"], str(path)) if has_spans else []}
 
 
-def read_documents(path: str | Path, fmt: str = "auto", field: str = "text", errors: str = "strict") -> Iterator[dict]:
-    """Documents of a corpus; the path is checked before anything is read."""
+def read_documents(path: str | Path, fmt: str = "auto", field: str = "text", errors: str = "strict",
+                   split: str = "file", size: int = 2000) -> Iterator[dict]:
+    """Documents of a corpus; the path is checked before anything is read. ``split`` and ``size``: how text files are
+    cut into documents (data.document_split, data.document_chars); records of JSONL, Parquet and datasets are
+    documents as they are."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"corpus not found: {path}")
     fmt = detect_format(path, fmt)
     if fmt == "text":
-        return read_text(path, errors)
+        return read_text(path, errors, split, size)
     if fmt == "jsonl":
         return read_jsonl(path, field, errors)
     return read_table(path, fmt, field)
