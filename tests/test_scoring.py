@@ -65,6 +65,47 @@ def test_score_batch_equals_unchunked_full_logits(tiny_model_dir):
         np.testing.assert_allclose(ent[1:], ref, rtol=1e-4, atol=1e-5)
 
 
+def _entropies_one_chunk_at_a_time(model, seqs, chunk, mode="full", top_k=16):
+    """The scoring loop as it was before its buffers: a fresh head output per chunk, then entropy_from_logits."""
+    with torch.inference_mode():
+        out = []
+        for s in seqs:
+            hidden = model.get_decoder()(input_ids=torch.tensor([s])).last_hidden_state[0, :-1]
+            ent = [entropy_from_logits(model.get_output_embeddings()(hidden[i : i + chunk]), mode, top_k)
+                   for i in range(0, hidden.shape[0], chunk)]
+            out.append(torch.cat(ent).numpy() if ent else np.zeros(0, dtype=np.float32))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 256])
+@pytest.mark.parametrize("variant", ["fp32", "bias", "bf16", "topk"])
+def test_score_batch_buffers_give_the_same_bits(tiny_model_dir, chunk, variant):
+    """The preallocated chunk buffers (logits, log-probs) change nothing: every entropy is bit-identical to a fresh
+    head output per chunk, for a bias in the head, a bf16 model and the top-k entropy too."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    head = model.get_output_embeddings()
+    if variant == "bias":
+        biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(head.weight)
+            biased.bias.copy_(torch.linspace(-2, 2, head.out_features))
+        model.set_output_embeddings(biased)
+    if variant == "bf16":
+        model = model.to(torch.bfloat16)
+    mode = "topk" if variant == "topk" else "full"
+    seqs = [[1, 5, 9, 33, 7, 80, 81, 2, 9, 9, 4], [1, 44, 45], [7], [1, 6, 7, 8, 9, 10]]
+    cfg = load_config(None, [f"scoring.chunk_positions={chunk}", f"scoring.entropy={mode}", "scoring.top_k=4"])
+    # one sequence per call (the chunks then cut the same rows as the reference) and the whole batch at once
+    ref = _entropies_one_chunk_at_a_time(model, seqs, chunk, mode, 4)
+    for s, r in zip(seqs, ref):
+        got = score_batch(model, [s], pad_id=0, scfg=cfg.scoring)[0]
+        assert np.isnan(got[0]) and got[1:].tobytes() == r.astype(np.float32).tobytes()
+    if variant == "fp32":
+        batch = score_batch(model, seqs, pad_id=0, scfg=cfg.scoring)
+        for got, r in zip(batch, ref):
+            np.testing.assert_allclose(got[1:], r, rtol=1e-5, atol=1e-6)  # same values; batching may move the last bit
+
+
 def test_assign_tiers_by_hand():
     ent = np.array([np.nan, 0.1, 0.5, 0.99, 1.0, 1.49, 1.5, 7.0, 3.0])
     elig = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)

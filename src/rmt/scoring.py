@@ -83,12 +83,28 @@ def eligible_token_table(tokenizer, vocab_size: int) -> np.ndarray:
 # --- the model side -------------------------------------------------------------------------------------------
 
 
+def _head_logits(head, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The output head's logits of ``hidden`` (rows x hidden) written into ``out`` (rows x vocab, the head's dtype).
+
+    A plain linear head runs as one matrix product into ``out`` (the same product ``head(hidden)`` runs, so the
+    same bits); any other head module is called and its result copied.
+    """
+    if isinstance(head, torch.nn.Linear):
+        if head.bias is None:
+            return torch.matmul(hidden, head.weight.T, out=out)
+        return torch.addmm(head.bias, hidden, head.weight.T, out=out)
+    return out.copy_(head(hidden))
+
+
 @torch.inference_mode()
 def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringConfig) -> list[np.ndarray]:
     """Entropy per position for a batch of token sequences; memory bounded by chunk_positions x vocab.
 
     The decoder runs once over the (right-padded) batch; the output head and the softmax run over chunks of
-    valid positions, so the full batch x length x vocabulary logits never exist at once.
+    valid positions, so the full batch x length x vocabulary logits never exist at once. The chunks reuse buffers
+    allocated once per call (logits and log-probabilities, chunk x vocab fp32 each; one more in the head's dtype
+    when that is not fp32): a fresh chunk-sized tensor per chunk would cost the kernel's mapping and zeroing of
+    its pages every time (docs/benchmarks.md, section 1).
     """
     device = next(model.parameters()).device
     lengths = [len(s) for s in sequences]
@@ -106,9 +122,22 @@ def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringCon
     predict_mask[torch.arange(len(sequences)), torch.tensor(lengths, device=device) - 1] = 0
     flat = hidden[predict_mask.bool()]
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=device)
-    for start in range(0, flat.shape[0], scfg.chunk_positions):
-        logits = head(flat[start : start + scfg.chunk_positions])
-        out[start : start + scfg.chunk_positions] = entropy_from_logits(logits, scfg.entropy, scfg.top_k)
+    rows = max(1, min(scfg.chunk_positions, flat.shape[0]))
+    vocab = int(head.weight.shape[0])
+    logits_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+    work_buf = torch.empty_like(logits_buf) if scfg.entropy == "full" else None
+    same_dtype = flat.dtype == torch.float32
+    head_buf = logits_buf if same_dtype else torch.empty((rows, vocab), dtype=flat.dtype, device=device)
+    for start in range(0, flat.shape[0], rows):
+        k = min(rows, flat.shape[0] - start)
+        logits = _head_logits(head, flat[start : start + k], head_buf[:k])
+        if not same_dtype:
+            logits = logits_buf[:k].copy_(logits)
+        if scfg.entropy == "full":
+            logp = torch.log_softmax(logits, dim=-1, out=work_buf[:k])
+            out[start : start + k] = torch.exp(logp, out=logits).mul_(logp).sum(-1).neg_()
+        else:
+            out[start : start + k] = entropy_from_logits(logits, scfg.entropy, scfg.top_k)
     out = out.cpu().numpy()
     result, offset = [], 0
     for n in lengths:
