@@ -3,14 +3,17 @@
 Two measurements (issue "Scale and speed"):
 
 1. Throughput. A bare forward, ``model(input_ids, attention_mask).logits`` (full logits, no entropy), is the limit
-   for this step: scoring runs the same decoder once, then the output head and the log-softmax over chunks of
-   ``scoring.chunk_positions`` positions. Both run on the same random batch, interleaved (A B, B A, ...): medians
-   give tokens/s, and the ratio scoring / bare is the median of the per-round ratios (target >= 0.9), which a
-   shared, noisy machine disturbs less than the ratio of two medians.
+   for this step: scoring runs the same decoder once, then the output head and the entropy over chunks of
+   ``scoring.chunk_positions`` positions, in two ways: ``eager`` (log-softmax, then sum p log p, in preallocated
+   buffers) and ``compiled`` (``fused_entropy`` under torch.compile, which ``rmt score`` uses from
+   ``scoring.COMPILE_MIN_LOGITS`` logits on); ``--previous`` adds the loop as it was before its buffers. All run
+   on the same random batch, interleaved (A B C, C B A, ...): medians give tokens/s, and each ratio bare / scoring
+   is the median of the per-round ratios (target >= 0.9), which a shared, noisy machine disturbs less than the
+   ratio of two medians. The first compiled call (the compilation) is not timed.
 2. Peak memory with Qwen's 151,936-token vocabulary at 2,048 context on a tiny Llama (hidden 64, 2 layers). Each
    (batch, chunk) runs in a fresh subprocess: the peak resident set (VmHWM) is reset after the model is built
    (``/proc/self/clear_refs``; where that is refused, it counts from process start), so the number reported is
-   what one ``score_batch`` call adds on top of the model. (``ru_maxrss`` is not used: in a child it starts from
+   what one ``score_batch`` call adds on top of the model (eager and compiled). (``ru_maxrss`` is not used: in a child it starts from
    the parent's peak at fork time.) It is set against the size of the full fp32 logits, batch x 2048 x 151936 x 4
    bytes, which a bare forward must hold. The subprocesses run side by side, one per free core.
 
@@ -37,8 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+import numpy as np
+
+from rmt import scoring
 from rmt.config import ScoringConfig
-from rmt.scoring import score_batch
+from rmt.scoring import entropy_from_logits, score_batch
 
 QWEN_VOCAB = 151_936
 MEMORY_CONTEXT = 2_048
@@ -119,7 +125,18 @@ def time_side_by_side(fns: dict, reps: int, min_seconds: float) -> dict[str, lis
     return times
 
 
-def throughput(shape: Shape, reps: int, min_seconds: float, chunk: int) -> dict:
+def previous_loop(model, sequences: list[list[int]], chunk: int) -> torch.Tensor:
+    """The scoring loop before its buffers (commit 091874e), for the 'before' column: a fresh head output and
+    fresh log-probs per chunk, then ``entropy_from_logits``."""
+    with torch.inference_mode():
+        ids = torch.tensor(sequences)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        head = model.get_output_embeddings()
+        return torch.cat([entropy_from_logits(head(flat[i : i + chunk])) for i in range(0, flat.shape[0], chunk)])
+
+
+def throughput(shape: Shape, reps: int, min_seconds: float, chunk: int, previous: bool) -> dict:
     model = build_model(shape, max_positions=max(2048, shape.length))
     sequences = random_batch(shape, shape.batch, shape.length)
     ids = torch.tensor(sequences)
@@ -130,23 +147,39 @@ def throughput(shape: Shape, reps: int, min_seconds: float, chunk: int) -> dict:
     def bare():
         return model(input_ids=ids, attention_mask=mask).logits
 
-    def score():
-        return score_batch(model, sequences, 0, scfg)
-
-    times = time_side_by_side({"bare": bare, "score": score}, reps, min_seconds)
+    fns = {
+        "bare": bare,
+        "eager": lambda: score_batch(model, sequences, 0, scfg),
+        "compiled": lambda: score_batch(model, sequences, 0, scfg, compiled=True),
+    }
+    if previous:
+        fns["previous"] = lambda: previous_loop(model, sequences, chunk)
+    start = time.perf_counter()
+    fns["compiled"]()  # compiles (the first shape of the run; later shapes reuse the kernel or recompile once)
+    compile_s = time.perf_counter() - start
+    if scoring._compiled_entropy.failed:
+        raise RuntimeError("torch.compile failed here: the compiled column cannot be measured")
+    eager, comp = (np.concatenate(fns[k]()) for k in ("eager", "compiled"))
+    max_diff = float(np.nanmax(np.abs(eager - comp)))
+    times = time_side_by_side(fns, reps, min_seconds)
     med = {name: statistics.median(t) for name, t in times.items()}
     tokens = shape.batch * shape.length
-    return {
+    row = {
         "shape": shape.name,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "batch": shape.batch,
         "length": shape.length,
         "chunk_positions": chunk,
         "rounds": len(times["bare"]),
-        "bare_tok_s": tokens / med["bare"],
-        "score_tok_s": tokens / med["score"],
-        "ratio": statistics.median(b / s for b, s in zip(times["bare"], times["score"])),
+        "first_compiled_call_s": compile_s,
+        "max_abs_diff_compiled_vs_eager": max_diff,
+        "logits_per_call": shape.batch * (shape.length - 1) * shape.vocab,
     }
+    for name in fns:
+        row[f"{name}_tok_s"] = tokens / med[name]
+        if name != "bare":
+            row[f"{name}_ratio"] = statistics.median(b / s for b, s in zip(times["bare"], times[name]))
+    return row
 
 
 # --- 2. peak memory (one fresh subprocess per configuration) --------------------------------------------------
@@ -161,8 +194,14 @@ def _status_kib(field: str) -> int:
 
 
 def memory_child(mode: str, batch: int, chunk: int) -> dict:
-    """Runs in the subprocess: build the model, reset the peak, score (or forward) once, report the peak added."""
+    """Runs in the subprocess: build the model, reset the peak, score (or forward) once, report the peak added.
+
+    mode: bare (forward with full logits), score (eager entropy) or compiled (compiled entropy; compiled here on
+    a small batch before the peak is reset, so the compiler's own memory does not count)."""
     model = build_model(MEMORY_SHAPE, max_positions=MEMORY_CONTEXT)
+    if mode == "compiled":
+        score_batch(model, random_batch(MEMORY_SHAPE, 1, 64), 0, ScoringConfig(chunk_positions=chunk), compiled=True)
+        score_batch(model, random_batch(MEMORY_SHAPE, 1, 48), 0, ScoringConfig(chunk_positions=chunk), compiled=True)
     sequences = random_batch(MEMORY_SHAPE, batch, MEMORY_CONTEXT)
     ids = torch.tensor(sequences)
     mask = torch.ones_like(ids)
@@ -174,8 +213,8 @@ def memory_child(mode: str, batch: int, chunk: int) -> dict:
         reset = False
     rss_before = _status_kib("VmRSS")
     start = time.perf_counter()
-    if mode == "score":
-        score_batch(model, sequences, 0, ScoringConfig(chunk_positions=chunk))
+    if mode in ("score", "compiled"):
+        score_batch(model, sequences, 0, ScoringConfig(chunk_positions=chunk), compiled=mode == "compiled")
     else:
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask).logits.sum()
@@ -192,7 +231,7 @@ def memory(mode: str, batch: int, chunk: int) -> dict:
         raise RuntimeError(f"memory run {mode} batch={batch} chunk={chunk} failed:\n{proc.stderr[-2000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row["full_logits_mib"] = batch * MEMORY_CONTEXT * QWEN_VOCAB * 4 / MIB
-    row["chunk_logits_mib"] = min(chunk, batch * MEMORY_CONTEXT) * QWEN_VOCAB * 4 / MIB if mode == "score" else None
+    row["chunk_logits_mib"] = min(chunk, batch * MEMORY_CONTEXT) * QWEN_VOCAB * 4 / MIB if mode != "bare" else None
     return row
 
 
@@ -211,6 +250,8 @@ def main() -> None:
         help="torch threads (default 1: on a shared machine 2+ OpenMP threads wait on each other at every operator, "
         "which distorts the ratios)",
     )
+    parser.add_argument("--previous", action="store_true",
+                        help="also time the scoring loop as it was before its buffers (a 'before' column, +40%% time)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODE", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,30 +267,39 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; fp32, sdpa attention; >= {reps} interleaved rounds, medians")
     print("\n## Throughput: score_batch vs bare forward (target >= 0.90x)\n")
-    print("| model | params | batch x length | rounds | bare tok/s | scoring tok/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("Ratios = bare time / scoring time, median of per-round ratios. eager = score_batch's eager passes in its "
+          "buffers; compiled = the torch.compiled fused entropy (scoring.compile=auto uses it from "
+          f"{scoring.COMPILE_MIN_LOGITS:.0e} logits to score, i.e. from the token count in the last column)"
+          + ("; previous = the loop before the buffers (091874e)" if args.previous else "") + ".\n")
+    prev_head = (" previous |", "---|") if args.previous else ("", "")
+    print("| model | params | batch x length | rounds | bare tok/s |" + prev_head[0]
+          + " eager | compiled | compiled vs eager, max abs diff (nats) | auto compiles from (tokens) |")
+    print("|---|---|---|---|---|" + prev_head[1] + "---|---|---|---|")
     rows = []
     shapes = (QUICK_SHAPES if args.quick else THROUGHPUT_SHAPES) + ([WIDE_SHAPE] if args.wide else [])
     for shape in shapes:
-        r = throughput(shape, reps, min_seconds, args.chunk)
+        r = throughput(shape, reps, min_seconds, args.chunk, args.previous)
         rows.append(r)
-        print(f"| {r['shape']} | {r['params_M']}M | {r['batch']} x {r['length']} | {r['rounds']} | {r['bare_tok_s']:,.0f} "
-              f"| {r['score_tok_s']:,.0f} | {r['ratio']:.2f}x |", flush=True)
+        prev = f" {r['previous_ratio']:.2f}x |" if args.previous else ""
+        print(f"| {r['shape']} | {r['params_M']}M | {r['batch']} x {r['length']} | {r['rounds']} | {r['bare_tok_s']:,.0f} |"
+              f"{prev} {r['eager_ratio']:.2f}x | {r['compiled_ratio']:.2f}x | {r['max_abs_diff_compiled_vs_eager']:.1e} "
+              f"| {scoring.COMPILE_MIN_LOGITS / shape.vocab:,.0f} |", flush=True)
 
     print(f"\n## Peak memory added by one call, vocab {QWEN_VOCAB:,}, context {MEMORY_CONTEXT:,} "
           f"(hidden {MEMORY_SHAPE.hidden}, {MEMORY_SHAPE.layers} layers)\n")
     print("| what | batch | chunk_positions | peak added MiB | one chunk of fp32 logits MiB | full fp32 logits MiB | peak / full logits |")
     print("|---|---|---|---|---|---|---|")
-    runs = [("score", b, c) for b, c in (QUICK_MEMORY_RUNS if args.quick else MEMORY_RUNS)]
+    pairs = QUICK_MEMORY_RUNS if args.quick else MEMORY_RUNS
+    runs = [("score", b, c) for b, c in pairs] + [("compiled", b, c) for b, c in pairs[: 1 if args.quick else None]]
     if not args.quick:
         runs.append(("bare", 1, 0))
     # Children run side by side, one per free core: each process has its own peak, so they do not disturb it.
     with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // torch.get_num_threads())) as pool:
         mem = list(pool.map(lambda run: memory(*run), runs))
+    names = {"score": "score_batch, eager", "compiled": "score_batch, compiled", "bare": "bare forward"}
     for (mode, batch, chunk), m in zip(runs, mem):
-        what = "score_batch" if mode == "score" else "bare forward"
-        chunk_mib = f"{m['chunk_logits_mib']:,.0f}" if mode == "score" else "-"
-        print(f"| {what} | {batch} | {chunk or '-'} | {m['added_mib']:,.0f} | {chunk_mib} | {m['full_logits_mib']:,.0f} "
+        chunk_mib = f"{m['chunk_logits_mib']:,.0f}" if mode != "bare" else "-"
+        print(f"| {names[mode]} | {batch} | {chunk or '-'} | {m['added_mib']:,.0f} | {chunk_mib} | {m['full_logits_mib']:,.0f} "
               f"| {m['added_mib'] / m['full_logits_mib']:.2f} |", flush=True)
     if not all(m["peak_reset"] for m in mem):
         print("\n(peak RSS could not be reset here: peaks count from process start, model build included)")

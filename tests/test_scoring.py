@@ -15,7 +15,9 @@ from rmt.errors import DataError, ModelError
 from rmt.scoring import (
     assign_tiers,
     eligible_token_table,
+    compile_pays,
     entropy_from_logits,
+    fused_entropy,
     load_scored,
     quantile_thresholds,
     score_batch,
@@ -63,6 +65,101 @@ def test_score_batch_equals_unchunked_full_logits(tiny_model_dir):
         ref = torch.distributions.Categorical(logits=logits[:-1].float()).entropy().numpy()
         assert np.isnan(ent[0]) and len(ent) == len(s)
         np.testing.assert_allclose(ent[1:], ref, rtol=1e-4, atol=1e-5)
+
+
+def _entropies_one_chunk_at_a_time(model, seqs, chunk, mode="full", top_k=16):
+    """The scoring loop as it was before its buffers: a fresh head output per chunk, then entropy_from_logits."""
+    with torch.inference_mode():
+        out = []
+        for s in seqs:
+            hidden = model.get_decoder()(input_ids=torch.tensor([s])).last_hidden_state[0, :-1]
+            ent = [entropy_from_logits(model.get_output_embeddings()(hidden[i : i + chunk]), mode, top_k)
+                   for i in range(0, hidden.shape[0], chunk)]
+            out.append(torch.cat(ent).numpy() if ent else np.zeros(0, dtype=np.float32))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 256])
+@pytest.mark.parametrize("variant", ["fp32", "bias", "bf16", "topk"])
+def test_score_batch_buffers_give_the_same_bits(tiny_model_dir, chunk, variant):
+    """The preallocated chunk buffers (logits, log-probs) change nothing: every entropy is bit-identical to a fresh
+    head output per chunk, for a bias in the head, a bf16 model and the top-k entropy too."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    head = model.get_output_embeddings()
+    if variant == "bias":
+        biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(head.weight)
+            biased.bias.copy_(torch.linspace(-2, 2, head.out_features))
+        model.set_output_embeddings(biased)
+    if variant == "bf16":
+        model = model.to(torch.bfloat16)
+    mode = "topk" if variant == "topk" else "full"
+    seqs = [[1, 5, 9, 33, 7, 80, 81, 2, 9, 9, 4], [1, 44, 45], [7], [1, 6, 7, 8, 9, 10]]
+    cfg = load_config(None, [f"scoring.chunk_positions={chunk}", f"scoring.entropy={mode}", "scoring.top_k=4"])
+    # one sequence per call (the chunks then cut the same rows as the reference) and the whole batch at once
+    ref = _entropies_one_chunk_at_a_time(model, seqs, chunk, mode, 4)
+    for s, r in zip(seqs, ref):
+        got = score_batch(model, [s], pad_id=0, scfg=cfg.scoring)[0]
+        assert np.isnan(got[0]) and got[1:].tobytes() == r.astype(np.float32).tobytes()
+    if variant == "fp32":
+        batch = score_batch(model, seqs, pad_id=0, scfg=cfg.scoring)
+        for got, r in zip(batch, ref):
+            np.testing.assert_allclose(got[1:], r, rtol=1e-5, atol=1e-6)  # same values; batching may move the last bit
+
+
+def test_fused_entropy_by_hand():
+    # p = (1/4, 3/4): H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623351446...
+    assert fused_entropy(torch.tensor([[0.0, np.log(3.0)]])).item() == pytest.approx(0.5623351446, abs=1e-6)
+    assert fused_entropy(torch.zeros(2, 8)).tolist() == pytest.approx([np.log(8)] * 2)
+    assert fused_entropy(torch.tensor([[0.0, -1e4, -1e4]])).item() == pytest.approx(0.0, abs=1e-6)
+    # far from zero (max subtraction) and in bf16 (computed in float32)
+    logits = torch.randn(6, 300) * 4 + 1e3
+    ref = torch.distributions.Categorical(logits=logits.double()).entropy().float()
+    torch.testing.assert_close(fused_entropy(logits), ref, rtol=2e-6, atol=2e-6)
+    half = (torch.randn(6, 300) * 4).bfloat16()
+    torch.testing.assert_close(fused_entropy(half), entropy_from_logits(half), rtol=1e-5, atol=1e-5)
+    assert fused_entropy(half).dtype == torch.float32
+
+
+def test_compile_pays_by_hand():
+    assert compile_pays("always", 0) and not compile_pays("never", 1e12)
+    assert not compile_pays("auto", 9.9e9) and compile_pays("auto", 1e10)
+    with pytest.raises(ValueError, match="auto, always or never"):
+        compile_pays("yes", 1)
+
+
+def test_compile_failure_falls_back_to_the_eager_bits(tiny_model_dir, monkeypatch, caplog):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    seqs = [[1, 5, 9, 33, 7, 80, 81, 2, 9, 9, 4]]
+    scfg = load_config(None, ["scoring.chunk_positions=3"]).scoring
+
+    def no_compiler(fn, *a, **k):
+        def fails(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(scoring, "_compiled_entropy", scoring._CompiledEntropy())
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with caplog.at_level("WARNING", logger="rmt.scoring"):
+        got = score_batch(model, seqs, 0, scfg, compiled=True)
+    assert "torch.compile of the entropy failed" in caplog.text and "InvalidCxxCompiler" in caplog.text
+    assert got[0].tobytes() == score_batch(model, seqs, 0, scfg)[0].tobytes()
+    assert scoring._compiled_entropy.failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_entropy_matches_the_eager_passes(tiny_model_dir, monkeypatch, dtype):
+    """torch.compile of fused_entropy (compiles for a few seconds, hence slow) gives the eager entropies."""
+    monkeypatch.setattr(scoring, "_compiled_entropy", scoring._CompiledEntropy())
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval().to(dtype)
+    seqs = [[1, 5, 9, 33, 7, 80, 81, 2, 9, 9, 4], [1, 44, 45], [1, 6, 7, 8, 9, 10]]
+    scfg = load_config(None, ["scoring.chunk_positions=4"]).scoring
+    got = score_batch(model, seqs, 0, scfg, compiled=True)
+    assert not scoring._compiled_entropy.failed, "torch.compile failed here: the test needs a working compiler"
+    for g, r in zip(got, score_batch(model, seqs, 0, scfg)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
 def test_assign_tiers_by_hand():

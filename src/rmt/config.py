@@ -127,7 +127,16 @@ class ScoringConfig(Section):
     top_k: int = Field(16, ge=2, description="k for entropy=topk (RPT uses the top-16 next-token probabilities).")
     batch_size: int = Field(8, ge=1, description="Sequences per scoring forward pass.")
     chunk_positions: int = Field(
-        256, ge=1, description="Positions whose logits are turned into entropies at once: peak memory is about 3 x chunk x vocab floats."
+        256, ge=1, description="Positions whose logits are turned into entropies at once: peak memory is about 2 x chunk x vocab "
+        "floats (1 with the compiled entropy)."
+    )
+    compile: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="torch.compile the full-vocabulary entropy into one pass over each chunk's logits (1.5-2x less "
+        "time than the eager passes at vocab 151,936; docs/benchmarks.md section 1). auto = when the positions left "
+        "to score times the vocabulary reach 1e10 logits, where the saving outweighs compiling (seconds to tens of "
+        "seconds); never = the eager passes. Where compiling fails (no C++ compiler, no Triton) scoring warns and "
+        "runs eagerly.",
     )
     shard_sequences: int = Field(256, ge=1, description="Sequences per written score shard (the unit of resume).")
     tier_rule: Literal["fixed", "quantile"] = Field("fixed", description="Tier boundaries: fixed thresholds, or quantiles of the corpus' entropies.")

@@ -52,6 +52,34 @@ def entropy_from_logits(logits: torch.Tensor, mode: str = "full", top_k: int = 1
     return logp.exp().mul_(logp).sum(-1).neg_()
 
 
+def fused_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the softmax over the last dimension (float32), as reductions over the logits alone.
+
+    With z = logits - max(logits), s = sum e^z and t = sum e^z z: H = -sum p log p = log s - t / s. Eagerly that
+    is three chunk-sized temporaries; under torch.compile one loop per row that reads each logit twice (the max,
+    then both sums) and writes nothing of vocabulary size. Both terms are >= 0 (z <= 0), so nothing cancels.
+    """
+    z = logits.float()
+    z = z - z.amax(dim=-1, keepdim=True)
+    e = z.exp()
+    s = e.sum(dim=-1)
+    return s.log() - (e * z).sum(dim=-1) / s
+
+
+COMPILE_MIN_LOGITS = 1e10  # scoring.compile=auto compiles from this many logits (positions x vocabulary) on
+
+
+def compile_pays(mode: str, logits_to_score: float) -> bool:
+    """Should this scoring run compile the entropy? ``mode`` is scoring.compile.
+
+    Compiling costs ~5-25 s once per process (less with torch's on-disk cache) and saves ~2-5 ns per logit on a CPU
+    core (docs/benchmarks.md, section 1): from ~1e10 logits on (66k positions at vocab 151,936) it pays.
+    """
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"scoring.compile must be auto, always or never, got {mode!r}")
+    return mode == "always" or (mode == "auto" and logits_to_score >= COMPILE_MIN_LOGITS)
+
+
 def assign_tiers(entropy: np.ndarray, eligible: np.ndarray, thresholds: tuple[float, float, float],
                  min_context: int = 1) -> np.ndarray:
     """Tier of each position of one sequence: ntp_only below thresholds[0], not eligible, or before
@@ -83,12 +111,54 @@ def eligible_token_table(tokenizer, vocab_size: int) -> np.ndarray:
 # --- the model side -------------------------------------------------------------------------------------------
 
 
+class _CompiledEntropy:
+    """``fused_entropy`` under torch.compile, compiled on first use (once per device and dtype, and once more when
+    the number of rows first changes, after which rows are a dynamic size). Where compiling fails, it warns once
+    and returns None for the rest of the process: the caller then runs the eager passes."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.failed = False
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.failed:
+            return None
+        try:
+            if self.fn is None:
+                self.fn = torch.compile(fused_entropy)
+            return self.fn(logits)
+        except Exception as exc:  # no C++ compiler, no Triton, an unsupported platform: torch raises many kinds
+            self.failed = True
+            log.warning("torch.compile of the entropy failed, scoring runs without it: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None
+
+
+_compiled_entropy = _CompiledEntropy()
+
+
+def _head_logits(head, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The output head's logits of ``hidden`` (rows x hidden) written into ``out`` (rows x vocab, the head's dtype).
+
+    A plain linear head runs as one matrix product into ``out`` (the same product ``head(hidden)`` runs, so the
+    same bits); any other head module is called and its result copied.
+    """
+    if isinstance(head, torch.nn.Linear):
+        if head.bias is None:
+            return torch.matmul(hidden, head.weight.T, out=out)
+        return torch.addmm(head.bias, hidden, head.weight.T, out=out)
+    return out.copy_(head(hidden))
+
+
 @torch.inference_mode()
-def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringConfig) -> list[np.ndarray]:
+def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringConfig, compiled: bool = False) -> list[np.ndarray]:
     """Entropy per position for a batch of token sequences; memory bounded by chunk_positions x vocab.
 
-    The decoder runs once over the (right-padded) batch; the output head and the softmax run over chunks of
-    valid positions, so the full batch x length x vocabulary logits never exist at once.
+    The decoder runs once over the (right-padded) batch; the output head and the entropy run over chunks of valid
+    positions, so the full batch x length x vocabulary logits never exist at once. The chunks reuse buffers
+    allocated once per call: a fresh chunk-sized tensor per chunk would cost the kernel's mapping and zeroing of
+    its pages every time (docs/benchmarks.md, section 1). ``compiled`` (full entropy only): the entropy is
+    ``fused_entropy`` under torch.compile, one chunk buffer (the head's output); otherwise the eager passes,
+    log-softmax then sum p log p, in two fp32 chunk buffers (and one more in the head's dtype when not fp32).
     """
     device = next(model.parameters()).device
     lengths = [len(s) for s in sequences]
@@ -106,9 +176,20 @@ def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringCon
     predict_mask[torch.arange(len(sequences)), torch.tensor(lengths, device=device) - 1] = 0
     flat = hidden[predict_mask.bool()]
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=device)
-    for start in range(0, flat.shape[0], scfg.chunk_positions):
-        logits = head(flat[start : start + scfg.chunk_positions])
-        out[start : start + scfg.chunk_positions] = entropy_from_logits(logits, scfg.entropy, scfg.top_k)
+    rows = max(1, min(scfg.chunk_positions, flat.shape[0]))
+    head_buf = torch.empty((rows, int(head.weight.shape[0])), dtype=flat.dtype, device=device)
+    eager_bufs = None  # (fp32 logits, fp32 work): made when the eager passes first run
+    compiled = compiled and scfg.entropy == "full"
+    for start in range(0, flat.shape[0], rows):
+        k = min(rows, flat.shape[0] - start)
+        logits = _head_logits(head, flat[start : start + k], head_buf[:k])
+        ent = _compiled_entropy(logits) if compiled else None
+        if ent is None:
+            if eager_bufs is None:
+                logits_buf = head_buf if head_buf.dtype == torch.float32 else torch.empty_like(head_buf, dtype=torch.float32)
+                eager_bufs = logits_buf, torch.empty_like(logits_buf) if scfg.entropy == "full" else None
+            ent = _eager_entropy(logits, eager_bufs[0][:k], None if eager_bufs[1] is None else eager_bufs[1][:k], scfg)
+        out[start : start + k] = ent
     out = out.cpu().numpy()
     result, offset = [], 0
     for n in lengths:
@@ -117,6 +198,16 @@ def score_batch(model, sequences: list[list[int]], pad_id: int, scfg: ScoringCon
         offset += n - 1
         result.append(ent)
     return result
+
+
+def _eager_entropy(logits: torch.Tensor, logits_buf: torch.Tensor, work_buf: torch.Tensor | None, scfg: ScoringConfig):
+    """``entropy_from_logits`` (the same bits) inside preallocated fp32 buffers; ``logits`` may be ``logits_buf``."""
+    if logits.data_ptr() != logits_buf.data_ptr():
+        logits = logits_buf.copy_(logits)
+    if scfg.entropy != "full":
+        return entropy_from_logits(logits, scfg.entropy, scfg.top_k)
+    logp = torch.log_softmax(logits, dim=-1, out=work_buf)
+    return torch.exp(logp, out=logits).mul_(logp).sum(-1).neg_()
 
 
 def _scorer_identity(cfg: RMTConfig, ref_path: str, prep_meta: dict) -> dict:
@@ -144,6 +235,8 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
         int(sum(len(x) for x in split_ds[i * scfg.shard_sequences : (i + 1) * scfg.shard_sequences]["input_ids"]))
         for i in todo
     )
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    compiled = scfg.entropy == "full" and compile_pays(scfg.compile, remaining_tokens * vocab)
     bar = tqdm(total=remaining_tokens, desc=f"score {split}", unit="tok", unit_scale=True, disable=rank != 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(out_dir)  # shards whose writer was killed
@@ -154,7 +247,7 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
         entropies: list = [None] * len(rows)
         for b in range(0, len(order), scfg.batch_size):
             idx = order[b : b + scfg.batch_size]
-            for i, ent in zip(idx, score_batch(model, [rows[i] for i in idx], pad_id, scfg)):
+            for i, ent in zip(idx, score_batch(model, [rows[i] for i in idx], pad_id, scfg, compiled)):
                 entropies[i] = ent
             bar.update(sum(len(rows[i]) for i in idx))
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f"shard-{shard:05d}"), dir=out_dir))
