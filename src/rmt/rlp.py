@@ -125,9 +125,10 @@ def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tu
     for (b, pos), group, w in zip(positions, groups, written):
         x_t = int(sequences[b][pos])
         for r in group.responses:
-            kept, forced = split_thought(r.token_ids, close_id, eos_ids)
-            splits.append((kept, forced + [int(t) for t in w]))
-            pairs.append((group.prompt_ids, list(r.token_ids[:kept]) + splits[-1][1] + [x_t]))
+            kept, closing = split_thought(r.token_ids, close_id, eos_ids)
+            given = closing + [int(t) for t in w]  # what the predictor reads between the thought and x_t
+            splits.append((kept, given))
+            pairs.append((group.prompt_ids, list(r.token_ids[:kept]) + given + [x_t]))
     C, G = len(groups), len(groups[0].responses) if groups else 0
     if not pairs:
         empty = torch.zeros((0, 0))
@@ -148,14 +149,14 @@ def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tu
     for (b, pos), group in zip(positions, groups):
         responses, counts = [], []
         for r in group.responses:
-            kept, forced = splits[k]
+            kept, given = splits[k]
             ids, lps = list(r.token_ids[:kept]), list(r.logprobs[:kept])
             if train_answer:  # the predictor's tokens, with their (temperature-1) log-probs from the pass above
-                tail = forced + [int(sequences[b][pos])]
+                tail = given + [int(sequences[b][pos])]
                 ids += tail
                 lps += think[k, think.shape[1] - len(tail):].tolist()
             responses.append(Response(ids, lps, r.finish_reason))
-            counts.append(len(forced) + 1 if train_answer else 0)
+            counts.append(len(given) + 1 if train_answer else 0)
             k += 1
         cut_groups.append(Group(group.prompt_ids, responses))
         forced_counts.append(counts)
