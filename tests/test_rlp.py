@@ -112,11 +112,25 @@ def test_rewards_equal_two_plain_forwards(tiny_model_dir):
     assert [[r.token_ids for r in g.responses] for g in got.groups] == [[[7, 8, close], [11, close]], [[12, 13, 14], [15]], [[close], [20, 21, close]]]
     assert got.teacher_forced == [[0, 0], [0, 0], [0, 0]]
 
+    # With the written part of the current value (restated after </think>, as the answer rule reads it) before x_t.
+    written = [[], seqs[0][7:9], [seqs[1][3]]]
+    restated = rlp.information_gain_rewards(model, ema, seqs, positions, groups, written, close_id=close, eos_ids=[eos],
+                                            pad_id=tok.pad_token_id)
+    for i, ((b, pos), group) in enumerate(zip(positions, groups)):
+        for j, thought in enumerate(read[i]):
+            with_thought = plain_logprob(model, group.prompt_ids + thought + written[i], seqs[b][pos])
+            assert restated.logp_think[i, j].item() == pytest.approx(with_thought, abs=1e-5)
+    assert torch.equal(restated.logp_base, got.logp_base)
+
     answered = rlp.information_gain_rewards(model, ema, seqs, positions, groups, close_id=close, eos_ids=[eos],
                                             pad_id=tok.pad_token_id, train_answer=True)
     x_t = seqs[0][9]  # group 1 is position (0, 9)
     assert answered.groups[1].responses[0].token_ids == [12, 13, 14, close, x_t]  # forced </think>, then x_t
     assert answered.teacher_forced == [[1, 1], [2, 2], [1, 1]]
+    with_written = rlp.information_gain_rewards(model, ema, seqs, positions, groups, written, close_id=close, eos_ids=[eos],
+                                                pad_id=tok.pad_token_id, train_answer=True)
+    assert with_written.groups[1].responses[1].token_ids == [15, close, *seqs[0][7:9], x_t]
+    assert with_written.teacher_forced == [[1, 1], [4, 4], [2, 2]]
     lp = answered.groups[1].responses[0].logprobs
     assert lp[-1] == pytest.approx(got.logp_think[1, 0].item(), abs=1e-6) and lp[:3] == [-1.0] * 3
 
@@ -224,10 +238,10 @@ def test_train_answer_trains_the_true_token(corpus, tmp_path):
         cfg = load_config("rlp", run_args(corpus, tmp_path / flag, "train.total_steps=1", f"reward.train_answer={flag}",
                                           "rollout.temperature=1"))
         rows[flag] = read_metrics(trainer.train(cfg))[0]
-    # The same rollouts; each response gains x_t, and a closing marker when it had none: 1 or 2 tokens more.
+    # The same rollouts; each response gains x_t (and a closing marker when it had none, the restated part of a value).
     n = rows["true"]["rl_positions"] * 3
     assert rows["false"]["rl_positions"] == rows["true"]["rl_positions"] > 0
-    assert n <= rows["true"]["rl_tokens"] - rows["false"]["rl_tokens"] <= 2 * n
+    assert rows["true"]["rl_tokens"] - rows["false"]["rl_tokens"] >= n
     assert rows["true"]["reward"] == rows["false"]["reward"]  # the reward does not depend on what is trained
 
 

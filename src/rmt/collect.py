@@ -155,6 +155,7 @@ class Rollouts:
     restatement_room: int  # tokens added to the cap and the stop rule to restate the written part of a value
     prompts_cut: int  # prompts whose prefix was cut from the left to fit the context
     generated: list[tuple[int, int]]  # (prompt length, tokens generated) of every response, before any cut
+    written: list[list[int]] = field(default_factory=list)  # per position: the written part of the current value
 
 
 def written_part(cfg: RMTConfig, prefix: list[int], decode) -> list[int]:
@@ -197,7 +198,7 @@ def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positi
         cut_groups.append(Group(group.prompt_ids, responses))
         truths.append(rewards.Truth.from_ids(sequences[b][pos : pos + PREFIX_CONTINUATION], decode))
     generated = [(len(g.prompt_ids), len(r.token_ids)) for g in groups for r in g.responses]
-    return Rollouts(cut_groups, parsed_all, truths, cap, extra, n_cut, generated)
+    return Rollouts(cut_groups, parsed_all, truths, cap, extra, n_cut, generated, written)
 
 
 def position_seeds(generator: torch.Generator, selection: sampling.RLSelection) -> list[int]:
@@ -236,8 +237,9 @@ class Scored:
                       {k: torch.cat([p.logp[k] for p in pieces]) for k in first.logp})
 
 
-# (sequences, positions, groups) -> rmt.rlp.InfoGain: the information-gain reward's two passes, bound to the models.
-Scorer = Callable[[list[list[int]], list[tuple[int, int]], list[Group]], object]
+# (sequences, positions, groups, written parts) -> rmt.rlp.InfoGain: the information-gain reward's two passes, bound
+# to the models.
+Scorer = Callable[[list[list[int]], list[tuple[int, int]], list[Group], list[list[int]]], object]
 
 
 def score_groups(cfg: RMTConfig, sequences, positions, tiers, out: Rollouts, prompt_budget: int | None,
@@ -254,7 +256,7 @@ def score_groups(cfg: RMTConfig, sequences, positions, tiers, out: Rollouts, pro
         return Scored(list(positions), list(tiers), out.groups, out.parsed, parts, reward_t, [[0] * G for _ in out.groups])
     if scorer is None:
         raise ValueError("reward.kind=information_gain needs the scorer of rmt.rlp (the model and its EMA copy)")
-    gain = scorer(sequences, list(positions), out.groups)
+    gain = scorer(sequences, list(positions), out.groups, out.written)
     # The sampled answer after </think> is not rewarded; its match is kept for the accuracy metrics.
     parts = [[rewards.Reward(float(r), p.match, 0.0) for r, p in zip(row_r, row_p)] for row_r, row_p in zip(gain.rewards.tolist(), parts)]
     return Scored(list(positions), list(tiers), gain.groups, out.parsed, parts, gain.rewards, gain.teacher_forced,

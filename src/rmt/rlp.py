@@ -11,11 +11,13 @@ temperature 1. The first comes from one pass of the policy, without gradient, ov
 ``rmt.forward`` (each prompt once, its G thoughts as segments); the second from one teacher-forced pass of the EMA
 model over the batch's sequences, which reads every RL position of a sequence at once. The rewards then go through
 the same group advantages, clipped surrogate and NTP term as every other preset. Only the thought tokens are trained;
-``reward.train_answer`` adds the tokens the predictor was given (x_t, and a closing marker the thought lacked) by
-cross-entropy: the surrogate with advantage 1, whose gradient at ratio 1 is that of log p_theta(x_t | x_<t, c).
+``reward.train_answer`` adds the tokens the predictor was given (a closing marker the thought lacked, the restated
+part of the value, x_t) by cross-entropy: the surrogate with advantage 1, whose gradient at ratio 1 is that of log p_theta(x_t | x_<t, c).
 
 A thought that never closed (it hit the generation cap, or wrote EOS) is read as closed where it stopped: the
-predictor sees its tokens (an EOS dropped), then a closing marker that was not sampled, then x_t.
+predictor sees its tokens (an EOS dropped), then a closing marker that was not sampled, then x_t. Where the answer
+rule skips a restatement (prompt.skip_restatement: after thinking, a model writes the current value from its start),
+the predictor also reads the part of the value already written before x_t, as the evaluation would.
 """
 
 from __future__ import annotations
@@ -108,17 +110,25 @@ class InfoGain:
     teacher_forced: list[list[int]]  # per group, per response: trailing tokens trained by cross-entropy (0 without train_answer)
 
 
-def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tuple[int, int]], groups: list[Group], *,
-                             close_id: int, eos_ids: Sequence[int] = (), pad_id: int = 0, train_answer: bool = False,
+def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tuple[int, int]], groups: list[Group],
+                             written: list[list[int]] | None = None, *, close_id: int, eos_ids: Sequence[int] = (),
+                             pad_id: int = 0, train_answer: bool = False,
                              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> InfoGain:
-    """The reward of every response of ``groups`` (one group per (row, pos) of ``positions``; x_t = sequences[row][pos])."""
+    """The reward of every response of ``groups`` (one group per (row, pos) of ``positions``; x_t = sequences[row][pos]).
+
+    ``written``: per position, the part of the current value the prefix already holds (``collect.written_part``:
+    empty unless prompt.skip_restatement applies). The predictor then reads it after ``</think>``, before x_t: the
+    answer convention that the evaluation and the match reward credit (a model restates the value after thinking).
+    """
+    written = written or [[] for _ in positions]
     pairs, splits = [], []
-    for (b, pos), group in zip(positions, groups):
+    for (b, pos), group, w in zip(positions, groups, written):
         x_t = int(sequences[b][pos])
         for r in group.responses:
-            kept, forced = split_thought(r.token_ids, close_id, eos_ids)
-            splits.append((kept, forced))
-            pairs.append((group.prompt_ids, list(r.token_ids[:kept]) + forced + [x_t]))
+            kept, closing = split_thought(r.token_ids, close_id, eos_ids)
+            given = closing + [int(t) for t in w]  # what the predictor reads between the thought and x_t
+            splits.append((kept, given))
+            pairs.append((group.prompt_ids, list(r.token_ids[:kept]) + given + [x_t]))
     C, G = len(groups), len(groups[0].responses) if groups else 0
     if not pairs:
         empty = torch.zeros((0, 0))
@@ -130,7 +140,7 @@ def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tu
     with torch.no_grad(), autocast():
         think_out = forward_logprobs(unwrap(model), None, pairs, 1.0, pad_id)
         base_out = forward_logprobs(ema.model, prefixes, None, 1.0, pad_id)
-    think = think_out.response.float().cpu()  # right-aligned: column -1 is x_t, -2 the closing marker
+    think = think_out.response.float().cpu()  # right-aligned: column -1 is x_t, before it the given tokens
     logp_think = think[:, -1].reshape(C, G)
     logp_base = torch.stack([base_out.ntp_logprobs[row_of[b], pos].float().cpu() for b, pos in positions])
     rewards = information_gain(logp_think, logp_base[:, None])
@@ -139,14 +149,14 @@ def information_gain_rewards(model, ema: EMAModel, sequences, positions: list[tu
     for (b, pos), group in zip(positions, groups):
         responses, counts = [], []
         for r in group.responses:
-            kept, forced = splits[k]
+            kept, given = splits[k]
             ids, lps = list(r.token_ids[:kept]), list(r.logprobs[:kept])
             if train_answer:  # the predictor's tokens, with their (temperature-1) log-probs from the pass above
-                tail = forced + [int(sequences[b][pos])]
+                tail = given + [int(sequences[b][pos])]
                 ids += tail
                 lps += think[k, think.shape[1] - len(tail):].tolist()
             responses.append(Response(ids, lps, r.finish_reason))
-            counts.append(len(forced) + 1 if train_answer else 0)
+            counts.append(len(given) + 1 if train_answer else 0)
             k += 1
         cut_groups.append(Group(group.prompt_ids, responses))
         forced_counts.append(counts)
