@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embedded-entry", default=None,
                    help="an existing embedded cache entry (folder with corpus/ and a finished base-*/) instead of ensure_embedded")
     p.add_argument("--quick", action="store_true", help="minutes-long smoke version")
+    p.add_argument("--posttrain-starts", nargs="+", default=list(POSTTRAIN_STARTS), choices=POSTTRAIN_STARTS,
+                   help="checkpoints post-trained (default: all of them that were mid-trained, and the base model)")
     p.add_argument("--skip-posttrain", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap samples of each paired comparison")
@@ -290,11 +292,13 @@ def posttrain_data(args) -> dict[str, Path]:
         return files
     n_train, n_eval = args.qa_train, args.qa_eval
     records = [json.loads(line) for line in Path(args.base["posttrain"]).read_text().splitlines() if line.strip()]
-    indist = [{"question": r["prompt"], "answer": r["answer"], "task": "regular"} for r in records if r.get("terms", 0) != TRANSFER_TERMS]
-    transfer = [{"question": r["prompt"], "answer": r["answer"], "task": "transfer"} for r in records if r.get("terms", 0) == TRANSFER_TERMS]
+    from rmt.embedded.corpus import QUESTION_PREFIX, question_text
+
+    indist = [{"question": question_text(r), "answer": r["answer"], "task": "regular"} for r in records if r.get("terms", 0) != TRANSFER_TERMS]
+    transfer = [{"question": question_text(r), "answer": r["answer"], "task": "transfer"} for r in records if r.get("terms", 0) == TRANSFER_TERMS]
     if len(indist) < n_train + n_eval:
         sys.exit(f"the post-training split has {len(indist)} regular questions, fewer than {n_train} + {n_eval}")
-    seen = {compact(q["question"][:-1]) for q in transfer}
+    seen = {compact(q["question"])[:-1] for q in transfer}
     for split in ("midtrain", "eval"):  # generated questions must not be corpus problems
         for line in Path(args.base[split]).read_text().splitlines():
             seen.update(ln.split("=")[0] for ln in json.loads(line)["text"].split("\n"))
@@ -306,7 +310,7 @@ def posttrain_data(args) -> dict[str, Path]:
         expr = compact(entry["metadata"]["expression"])
         if expr not in seen:
             seen.add(expr)
-            transfer.append({"question": expr + "=", "answer": entry["answer"], "task": "transfer"})
+            transfer.append({"question": QUESTION_PREFIX + expr + "=", "answer": entry["answer"], "task": "transfer"})
     train_mix = [q for pair in zip(indist[:n_train], transfer[n_eval : n_eval + n_train]) for q in pair]
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_mix), ("eval_indist", indist[-n_eval:]), ("eval_transfer", transfer[:n_eval])):
@@ -327,7 +331,7 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     sets = {name: read_questions(files[name]) for name in ("eval_indist", "eval_transfer")}
     starts = {"base": args.base["model"], **{m: str(run_dir(args, seed, m) / "final") for m in POSTTRAIN_STARTS if m != "base"}}
-    starts = {k: v for k, v in starts.items() if k == "base" or k in args.methods}
+    starts = {k: v for k, v in starts.items() if k in args.posttrain_starts and (k == "base" or k in args.methods)}
     out = {}
     for start, path in starts.items():
         cfg = config("rmt", args, [f"model.path={path}", f"train.seed={seed}", f"posttrain.data={files['train']}",

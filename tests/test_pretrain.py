@@ -190,7 +190,7 @@ def test_embedded_recipe_reasons_better_than_it_predicts(embedded_default, tmp_p
 
     values = probe["midtrain_values"]
     assert values["n"] >= 400
-    # right after '=' (measured, corpus format 3: first token 0.97 vs 0.90, whole value 0.92 vs 0.67)
+    # right after '=' (measured, shipped model: first token 0.94 vs 0.77, whole value 0.85 vs 0.43)
     assert values["reasoning_first_token"] > values["direct_first_token"] + 0.03, values
     assert values["reasoning_value"] > values["direct_value"] + 0.2, values
     assert values["malformed"] < 0.05, values
@@ -201,8 +201,8 @@ def test_embedded_recipe_reasons_better_than_it_predicts(embedded_default, tmp_p
     assert later["reasoning_accuracy"] >= later["direct_accuracy"] + 0.05, later  # inside a value, not only after '='
     # operands, operators, '=': nothing to work out; thinking must not cost accuracy there
     assert abs(other["reasoning_accuracy"] - other["direct_accuracy"]) <= 0.03, other
-    post = probe["posttrain_reasoning"]
-    assert 0.3 < post["accuracy"] < 0.99, post
+    post = probe["posttrain_reasoning"]  # measured: 0.98 thinking vs 0.39 direct (questions after a newline)
+    assert 0.3 < post["accuracy"] < 0.995, post
     assert post["accuracy"] > probe["posttrain_direct"]["accuracy"] + 0.2, probe
     assert post["malformed"] < 0.05, post
 

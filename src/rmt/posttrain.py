@@ -22,6 +22,8 @@ process), so a run resumed from a checkpoint draws what the uninterrupted run wo
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 import logging
@@ -124,7 +126,10 @@ def load_question_sets(cfg: RMTConfig) -> tuple[list[Question], list[Question]]:
         from rmt.embedded import ensure_embedded
 
         path = ensure_embedded(cfg, model=False).posttrain_path
+        from rmt.embedded.corpus import question_text
+
         questions = read_questions(path, "jsonl", "prompt", "answer")  # the embedded split's own field names
+        questions = [dataclasses.replace(q, question=question_text(q.record)) for q in questions]
     else:
         questions = read_questions(pcfg.data, pcfg.format, pcfg.question_field, pcfg.answer_field)
     if pcfg.eval_data is not None:

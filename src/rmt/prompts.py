@@ -123,10 +123,13 @@ def current_value_ids(prefix_ids: Sequence[int], decode: Decode) -> list[int]:
 def restatement_length(after_ids: Sequence[int], written_ids: Sequence[int], decode: Decode) -> int:
     """How many tokens at the start of ``after_ids`` restate ``written_ids`` before the answer goes on; 0 for none.
 
-    A restatement counts only when its text equals the written part exactly at a token boundary and the next token
-    continues the value (it exists and is not whitespace): a model that writes the whole value after thinking
-    (``=1<think>...</think>12``) is read as predicting ``2``, while one that writes only the next token (``2``), or
-    the written part and then a newline, is read from its first token.
+    A restatement counts when its text equals the written part exactly at a token boundary and another token follows
+    it: a model that writes the whole value after thinking (``=1<think>...</think>12``) is read as predicting ``2``,
+    and one that restates a finished value and ends the line (``=12<think>...</think>12`` then a newline) as
+    predicting the newline, the corpus convention of restating the whole value read consistently; one that writes
+    only the next token (``2``) is read from its first token. The one reading this gets wrong is a model that
+    ignores the convention and whose next token equals the whole written part (``=1`` of ``11`` answered ``1``,
+    newline): the written part alone is never read as a restatement, but ``1`` then a newline is.
     """
     if not written_ids:
         return 0
@@ -134,7 +137,7 @@ def restatement_length(after_ids: Sequence[int], written_ids: Sequence[int], dec
     for k in range(1, len(after_ids)):
         text = decode(list(after_ids[:k]))
         if text == written:
-            return k if decode([int(after_ids[k])]).strip() else 0
+            return k
         if not written.startswith(text):
             break
     return 0

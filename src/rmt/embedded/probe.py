@@ -292,14 +292,14 @@ def posttrain_accuracy(
 
     Greedy by default; with ``temperature`` > 0 the thinking is sampled (seeded), as GRPO's rollouts would be.
     """
-    from rmt.embedded.corpus import score_posttrain
+    from rmt.embedded.corpus import question_text, score_posttrain
 
     if mode not in ("reasoning", "direct"):
         raise ValueError(f"mode must be reasoning or direct, got {mode!r}")
     open_id, _, pad = _special_ids(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompts = [bos + tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in records]
+    prompts = [bos + tokenizer(question_text(r), add_special_tokens=False)["input_ids"] for r in records]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if mode == "reasoning":
