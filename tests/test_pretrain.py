@@ -212,6 +212,11 @@ def test_shipped_base_model_is_what_the_recipe_trains(embedded_default, tmp_path
     """The shipped weights come from `rmt pretrain` on this seed: its first steps reproduce their training loss.
     (The whole run: benchmarks/reproduce_base_model.py, about 7 minutes.)"""
     cfg, arts = embedded_default
+    from rmt.pretrain import DONE_FILE
+
+    # the shipped run's precision (bf16 autocast where the CPU has bf16, else fp32), so that kernels round alike
+    precision = json.loads((arts.base_model_dir / DONE_FILE).read_text())["precision"]
+    cfg = load_config(None, [f"pretrain.precision={precision}"])
     out = tmp_path / "repro"
     steps = 15
     assert train_base_model(cfg, arts.base_path, out, tokenizer_dir=arts.tokenizer_dir, text_field="text",

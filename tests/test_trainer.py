@@ -11,7 +11,7 @@ from conftest import LR_WARMUP2_T6, LR_WARMUP2_T6_ARGS, text_corpus
 from safetensors.torch import load_file
 
 import rmt.trainer as trainer
-from rmt import schedules
+from rmt import collect, schedules
 from rmt.checkpoint import list_checkpoints
 from rmt.config import PRESET_DIR, load_config
 from rmt.data.prepare import prepare_corpus
@@ -63,8 +63,6 @@ def test_flops_are_counted_per_step_and_add_up(corpus, tmp_path):
 
 
 def test_auto_b0_is_measured_once_and_kept_on_resume(corpus, tmp_path, monkeypatch):
-    from rmt import collect
-
     real_measure, real_step = collect.measure_think_lengths, trainer.train_step
     calls = []
     monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: calls.append(1) or [0, 4, 6, 8, 0])
@@ -93,6 +91,15 @@ def test_auto_b0_is_measured_once_and_kept_on_resume(corpus, tmp_path, monkeypat
     model, tok = load_model(cfg.model.path, cfg), load_tokenizer(cfg.model.path)
     lengths = real_measure(cfg, collect.make_engine(cfg, model, tok), tok, load_scored(cfg.data.prepared_dir, "train"))
     assert all(isinstance(n, int) and 0 <= n <= cfg.rollout.max_response_tokens for n in lengths)
+
+
+@pytest.mark.parametrize("preset", ["ntp", "rpt"])
+def test_auto_b0_is_not_measured_where_nothing_reads_it(corpus, tmp_path, monkeypatch, preset):
+    """One config layer (b0 auto) over every method: NTP has no RL and RPT no budget, so nothing is measured."""
+    monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: pytest.fail("measured"))
+    cfg = run_cfg(corpus, tmp_path, preset, "budget.b0=auto", "train.total_steps=1")
+    trainer.train(cfg)
+    assert not (Path(cfg.output.dir) / "budget_b0.json").exists() and len(read_metrics(Path(cfg.output.dir))) == 1
 
 
 def test_budget_and_curriculum_follow_the_schedule(corpus, tmp_path):

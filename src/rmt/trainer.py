@@ -220,7 +220,10 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
     if cfg.train.tracker != "none":
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
     engine = collect.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
-    if cfg.budget.b0 == "auto":
+    if cfg.budget.b0 == "auto" and not (cfg.train.rl and cfg.budget.enabled):
+        # nothing reads B_0 without RL or without a budget (ntp, rpt, rlp): the floor stands in, unmeasured
+        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"b0": cfg.budget.b_min})})
+    elif cfg.budget.b0 == "auto":
         cfg = resolve_auto_b0(cfg, run_dir, data, engine, tokenizer, model, accelerator)
     # Before the first RL step: can the model reason in the configured template? (stops the run when it cannot)
     if start_step == 0:
