@@ -8,7 +8,7 @@
    inside computed values (the tokens reasoning can win; split into a value's first and later characters) and on
    random ones, reasoning length, training FLOPs.
 2. **Paired comparisons**: the difference between two rows on the same positions, with a 95% bootstrap interval
-   over seeds and positions (``rmt.evaluate.paired_bootstrap``): NTR vs the base model, RMT vs NTP (its better
+   over seeds and positions (``rmt.stats.paired_bootstrap``): NTR vs the base model, RMT vs NTP (its better
    mode), RMT vs RPT, RMT and RPT vs RLP, RMT vs NTP at equal FLOPs, each ablation vs RMT; and RMT's reasoning length
    vs RPT's.
 3. **Post-training table** (the paper's transfer table). GRPO post-training (``rmt.posttrain``) from the base, NTP,
@@ -237,7 +237,7 @@ def better_mode(evals: dict, model: str, mask: np.ndarray) -> str:
 
 def comparisons(args, evals: dict, groups: dict[str, np.ndarray]) -> list[dict]:
     """Paired differences (points) between rows on the same positions, with bootstrap intervals."""
-    from rmt.evaluate import paired_bootstrap
+    from rmt.stats import paired_bootstrap
 
     methods = trained_methods(args)
     pairs = [("NTR vs base (NTP mode)", "ntr", "base/ntp", ("computed", "computed later", "random"))]
@@ -358,7 +358,7 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
 
 def posttrain_comparisons(args, post: dict) -> list[dict]:
     """Paired differences between starts after post-training, per task, over seeds and questions."""
-    from rmt.evaluate import paired_bootstrap
+    from rmt.stats import paired_bootstrap
 
     seeds = list(post)
     starts = list(next(iter(post.values())))
