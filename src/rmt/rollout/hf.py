@@ -10,6 +10,12 @@ The idea of nanochat's ``Engine.generate`` (SPEC section 5) on top of Hugging Fa
 3. Decode: one token for all B*G rows per forward pass. A row that has stopped keeps running with the batch (its
    later tokens are discarded); the loop ends when every row has stopped or the cap is reached.
 
+The cache is preallocated: each layer's keys and values live in buffers sized prompt + max_new_tokens from the
+start, and every step writes its token in place (``PreallocatedLayer``). Hugging Face's ``DynamicCache`` instead
+concatenates, which allocates and re-copies every layer's whole cache for every new token: at prefix 1,024 that
+was most of the decode time (docs/benchmarks.md, section 2). Models whose cache has other kinds of layers
+(sliding windows, linear attention) and models without a Hugging Face config keep their own cache.
+
 ``generate_independent`` is the plain reference: it prefills G copies of every prompt and decodes the same rows in
 the same order with the same random draws, so with the same generator it gives the same tokens (tests, benchmark).
 
@@ -23,6 +29,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from rmt.rollout.base import Group, Response, RolloutEngine, StopRule, sample_tokens
 
@@ -68,6 +76,76 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return ids.to(device), mask.to(device)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views of buffers of ``capacity`` positions.
+
+    ``update`` writes the new positions in place and returns views of the filled part, so attention sees exactly
+    what ``DynamicLayer`` would return, without its per-token ``torch.cat`` (a fresh allocation and a copy of the
+    whole layer cache). ``batch_repeat_interleave`` copies the rows once into buffers of the new batch size. Any
+    operation that replaces the tensors (row selection, reordering) or outgrows the buffers makes the next update
+    move the cache into new buffers, so the layer stays correct for every use a ``DynamicLayer`` allows.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self._keys_buf: torch.Tensor | None = None
+        self._values_buf: torch.Tensor | None = None
+
+    def _allocate(self, rows: int, capacity: int, keys: torch.Tensor, values: torch.Tensor, repeats: int = 1) -> None:
+        """New buffers of ``rows`` x heads x ``capacity`` x head_dim, holding ``keys``/``values`` repeated per row."""
+        n = keys.shape[-2]
+        self._keys_buf = keys.new_empty((rows, keys.shape[1], capacity, keys.shape[3]))
+        self._values_buf = values.new_empty((rows, values.shape[1], capacity, values.shape[3]))
+        for buf, src in ((self._keys_buf, keys), (self._values_buf, values)):
+            buf.view(src.shape[0], repeats, *buf.shape[1:])[:, :, :, :n].copy_(src[:, None])
+        self.keys, self.values = self._keys_buf[:, :, :n], self._values_buf[:, :, :n]
+
+    def _holds_views(self) -> bool:
+        return (
+            self._keys_buf is not None
+            and self.keys.data_ptr() == self._keys_buf.data_ptr()
+            and self.values.data_ptr() == self._values_buf.data_ptr()
+            and self.keys.shape[0] == self._keys_buf.shape[0]
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, q = self.get_seq_length(), key_states.shape[-2]
+        if n == 0 or not self._holds_views() or n + q > self._keys_buf.shape[2]:
+            keys = self.keys if n else key_states[:, :, :0]
+            values = self.values if n else value_states[:, :, :0]
+            self._allocate(key_states.shape[0], max(self.capacity, n + q), keys, values)
+        self._keys_buf[:, :, n : n + q].copy_(key_states)
+        self._values_buf[:, :, n : n + q].copy_(value_states)
+        self.keys, self.values = self._keys_buf[:, :, : n + q], self._values_buf[:, :, : n + q]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        n = self.get_seq_length()
+        if n > 0:
+            rows = self.keys.shape[0] * repeats
+            self._allocate(rows, max(self.capacity, n), self.keys, self.values, repeats)
+
+
+def preallocated_cache(model, capacity: int):
+    """A ``DynamicCache`` for ``model`` whose layers are ``PreallocatedLayer``s of ``capacity`` positions, or None
+    where the model has no Hugging Face config or its cache has layers of other kinds (sliding windows, linear
+    attention, ...): those keep the model's own cache."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # a config the cache cannot read: the model's own cache it is
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
 class HFEngine(RolloutEngine):
     """Rollouts with a Hugging Face causal LM and a manual KV-cache decode loop.
 
@@ -106,7 +184,9 @@ class HFEngine(RolloutEngine):
             rows = prompts if self.shared_prefix else [p for p in prompts for _ in range(G)]
             ids, prompt_mask = _left_pad(rows, self.pad_id, device)
             positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            cache = preallocated_cache(model, ids.shape[1] + max_new_tokens)
+            out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
             logits, cache = out.logits[:, -1].float(), out.past_key_values
             if self.shared_prefix and G > 1:
                 cache.batch_repeat_interleave(G)
