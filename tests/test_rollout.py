@@ -307,17 +307,10 @@ def test_engine_details(tok_model):
 # --- the preallocated KV cache ------------------------------------------------------------------------------------
 
 
-def _engine_with_models_own_cache(monkeypatch):
-    """Today's engine before the preallocated cache: the model builds its own DynamicCache."""
-    import rmt.rollout.hf as hf
-
-    monkeypatch.setattr(hf, "preallocated_cache", lambda model, capacity: None)
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("temperature,top_p,after_close", [(1.0, 1.0, None), (0.8, 0.9, 1), (0.0, 1.0, None)])
-def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, monkeypatch, attn, shared, temperature, top_p, after_close):
+def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, attn, shared, temperature, top_p, after_close):
     """Same seed, same tokens, the same log-prob bits and finish reasons as with the model's own DynamicCache, with
     left padding, both attention kernels, the shared and the independent prefill, sampling and greedy, stop rules."""
     tok, model = tok_model
@@ -325,8 +318,9 @@ def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, monkey
     try:
         prompts = _prompts(tok)
 
-        def run(stop):
-            return HFEngine(model, pad_id=tok.pad_token_id, shared_prefix=shared).generate_groups(
+        def run(stop, preallocate=True):
+            engine = HFEngine(model, pad_id=tok.pad_token_id, shared_prefix=shared, preallocate=preallocate)
+            return engine.generate_groups(
                 prompts, 3, 14, stop=stop, temperature=temperature, top_p=top_p,
                 generator=torch.Generator().manual_seed(11),
             )
@@ -336,10 +330,7 @@ def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, monkey
         counts = torch.bincount(torch.tensor([t for g in _tokens(run(StopRule())) for r in g for t in r]))
         eos, close = counts.argsort(descending=True)[:2].tolist()
         stop = StopRule(eos_ids=(eos,), close_id=close, after_close=after_close)
-        ours = run(stop)
-        with monkeypatch.context() as m:
-            _engine_with_models_own_cache(m)
-            ref = run(stop)
+        ours, ref = run(stop), run(stop, preallocate=False)  # ref: the model's own DynamicCache, as before
         reasons = [r.finish_reason for g in ours for r in g.responses]
         assert "eos" in reasons and (after_close is None or "stop" in reasons) and "length" in reasons
         assert _tokens(ours) == _tokens(ref)

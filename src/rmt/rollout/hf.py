@@ -150,13 +150,15 @@ class HFEngine(RolloutEngine):
     """Rollouts with a Hugging Face causal LM and a manual KV-cache decode loop.
 
     ``pad_id`` only fills left padding (always masked out). ``shared_prefix=False`` prefills G copies of each prompt
-    instead of sharing one prefill (the reference the shared path is checked and benchmarked against).
+    instead of sharing one prefill, and ``preallocate=False`` lets the model build its own (concatenating) cache:
+    the references the default path is checked and benchmarked against.
     """
 
-    def __init__(self, model, pad_id: int = 0, shared_prefix: bool = True):
+    def __init__(self, model, pad_id: int = 0, shared_prefix: bool = True, preallocate: bool = True):
         self.model = model
         self.pad_id = pad_id
         self.shared_prefix = shared_prefix
+        self.preallocate = preallocate
 
     def generate_groups(
         self,
@@ -184,7 +186,7 @@ class HFEngine(RolloutEngine):
             rows = prompts if self.shared_prefix else [p for p in prompts for _ in range(G)]
             ids, prompt_mask = _left_pad(rows, self.pad_id, device)
             positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = preallocated_cache(model, ids.shape[1] + max_new_tokens)
+            cache = preallocated_cache(model, ids.shape[1] + max_new_tokens) if self.preallocate else None
             out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
             logits, cache = out.logits[:, -1].float(), out.past_key_values
