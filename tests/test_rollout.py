@@ -311,8 +311,10 @@ def test_engine_details(tok_model):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("temperature,top_p,after_close", [(1.0, 1.0, None), (0.8, 0.9, 1), (0.0, 1.0, None)])
 def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, attn, shared, temperature, top_p, after_close):
-    """Same seed, same tokens, the same log-prob bits and finish reasons as with the model's own DynamicCache, with
-    left padding, both attention kernels, the shared and the independent prefill, sampling and greedy, stop rules."""
+    """Same seed, same tokens and finish reasons as the engine with the model's own DynamicCache (one row per
+    response), the same log-probs (to the bit with one row per response; to float rounding for the grouped decode),
+    with left padding, both attention kernels, the shared and the independent prefill, sampling and greedy, stop
+    rules."""
     tok, model = tok_model
     model.set_attn_implementation(attn)
     try:
@@ -336,14 +338,21 @@ def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, attn, 
         assert _tokens(ours) == _tokens(ref)
         for go, gr in zip(ours, ref):
             for ro, rr in zip(go.responses, gr.responses):
-                assert ro.logprobs == rr.logprobs and ro.finish_reason == rr.finish_reason
+                assert ro.finish_reason == rr.finish_reason
+                if shared:  # the grouped decode: other attention shapes, the same values to float rounding
+                    assert ro.logprobs == pytest.approx(rr.logprobs, abs=1e-5)
+                else:  # one row per response, in place instead of concatenated: the same bits
+                    assert ro.logprobs == rr.logprobs
         if temperature > 0:
             assert all(len({tuple(t) for t in g}) > 1 for g in _tokens(ours))  # it sampled
     finally:
         model.set_attn_implementation("sdpa")
 
 
-def test_preallocated_cache_is_used_and_written_in_place(tok_model, monkeypatch):
+@pytest.mark.parametrize("shared", [True, False])
+def test_preallocated_cache_is_used_and_written_in_place(tok_model, monkeypatch, shared):
+    """Shared prefix: one cache row per prompt holding the prompt and the G responses' tokens (grouped decode);
+    independent: one row per response."""
     import rmt.rollout.hf as hf
 
     tok, model = tok_model
@@ -351,15 +360,18 @@ def test_preallocated_cache_is_used_and_written_in_place(tok_model, monkeypatch)
     real = hf.preallocated_cache
     monkeypatch.setattr(hf, "preallocated_cache", lambda m, capacity: made.append(real(m, capacity)) or made[-1])
     prompts = _prompts(tok)
-    HFEngine(model, pad_id=tok.pad_token_id).generate_groups(prompts, 3, 5, stop=StopRule(), temperature=1.0)
+    HFEngine(model, pad_id=tok.pad_token_id, shared_prefix=shared).generate_groups(
+        prompts, 3, 5, stop=StopRule(), temperature=1.0
+    )
     (cache,) = made
     width = max(len(p) for p in prompts)
+    # 4 prompts x G=3 responses; 4 decoded tokens each (the 5th is sampled but never fed back)
+    rows, capacity, filled = (4, width + 3 * 5, width + 3 * 4) if shared else (12, width + 5, width + 4)
     assert len(cache.layers) == model.config.num_hidden_layers
     for layer in cache.layers:
-        assert isinstance(layer, hf.PreallocatedLayer) and layer.capacity == width + 5
-        # 4 prompts x G=3 rows; the prompt and 4 decoded tokens (the 5th is sampled but never fed back)
-        assert layer.keys.shape[0] == 12 and layer.get_seq_length() == width + 4
-        assert layer.keys.data_ptr() == layer._keys_buf.data_ptr() and layer._keys_buf.shape[2] == width + 5
+        assert isinstance(layer, hf.PreallocatedLayer) and layer.capacity == capacity
+        assert layer.keys.shape[0] == rows and layer.get_seq_length() == filled
+        assert layer.keys.data_ptr() == layer._keys_buf.data_ptr() and layer._keys_buf.shape[2] == capacity
 
 
 def test_preallocated_layer_returns_what_a_dynamic_layer_returns():
@@ -416,3 +428,19 @@ def test_preallocated_cache_only_for_full_attention_models(tok_model):
         vocab_size=32, use_sliding_window=True, sliding_window=4, max_window_layers=0,
     ))
     assert preallocated_cache(sliding, 10) is None  # sliding-window layers keep the model's own cache
+
+
+def test_shared_prefix_without_grouped_decode_repeats_the_cache(tok_model, monkeypatch):
+    """Where a model cannot decode a group as query positions of one row (no custom 4D masks), the shared path
+    copies each prompt's cache to its G rows and gives the reference's log-prob bits."""
+    import rmt.rollout.hf as hf
+
+    tok, model = tok_model
+    monkeypatch.setattr(hf, "grouped_decode_works", lambda m: False)
+    kw = dict(stop=StopRule.from_tokenizer(tok), temperature=0.9, generator=None)
+    ours = HFEngine(model, pad_id=tok.pad_token_id).generate_groups(
+        _prompts(tok), 3, 9, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    ref = HFEngine(model, pad_id=tok.pad_token_id, preallocate=False).generate_groups(
+        _prompts(tok), 3, 9, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    assert [[(r.token_ids, r.logprobs) for r in g.responses] for g in ours] == \
+        [[(r.token_ids, r.logprobs) for r in g.responses] for g in ref]

@@ -26,12 +26,14 @@ Runs on the model's device and dtype; log-probabilities are computed in float32.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rmt.forward import SHARED_ATTENTION, attention_mask_4d
 from rmt.rollout.base import Group, Response, RolloutEngine, StopRule, sample_tokens
 
 _REASONS = ("length", "eos", "stop")  # codes 0, 1, 2 of the per-row finish reason tensor
@@ -129,10 +131,8 @@ class PreallocatedLayer(DynamicLayer):
             self._allocate(rows, max(self.capacity, n), self.keys, self.values, repeats)
 
 
-def preallocated_cache(model, capacity: int):
-    """A ``DynamicCache`` for ``model`` whose layers are ``PreallocatedLayer``s of ``capacity`` positions, or None
-    where the model has no Hugging Face config or its cache has layers of other kinds (sliding windows, linear
-    attention, ...): those keep the model's own cache."""
+def _full_attention_cache(model):
+    """The model's own ``DynamicCache`` when all its layers are plain full-attention layers, else None."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
         return None
@@ -142,7 +142,16 @@ def preallocated_cache(model, capacity: int):
         return None
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
-    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def preallocated_cache(model, capacity: int):
+    """A ``DynamicCache`` for ``model`` whose layers are ``PreallocatedLayer``s of ``capacity`` positions, or None
+    where the model has no Hugging Face config or its cache has layers of other kinds (sliding windows, linear
+    attention, ...): those keep the model's own cache."""
+    cache = _full_attention_cache(model)
+    if cache is not None:
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
 
 
@@ -183,19 +192,25 @@ class HFEngine(RolloutEngine):
         device = model_device(model)
         with torch.inference_mode(), _eval_mode(model):
             generator = _device_generator(generator, device) if temperature > 0 else None
+            grouped = self.shared_prefix and G > 1 and self.preallocate and grouped_decode_works(model)
             rows = prompts if self.shared_prefix else [p for p in prompts for _ in range(G)]
             ids, prompt_mask = _left_pad(rows, self.pad_id, device)
             positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = preallocated_cache(model, ids.shape[1] + max_new_tokens) if self.preallocate else None
+            capacity = ids.shape[1] + (G if grouped else 1) * max_new_tokens
+            cache = preallocated_cache(model, capacity) if self.preallocate else None
             out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
             logits, cache = out.logits[:, -1].float(), out.past_key_values
             if self.shared_prefix and G > 1:
-                cache.batch_repeat_interleave(G)
-                logits, prompt_mask = logits.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-            tokens, logprobs, lengths, reasons = _decode(
-                model, logits, cache, prompt_mask, max_new_tokens, stop, temperature, top_p, generator
-            )
+                logits = logits.repeat_interleave(G, 0)
+            if grouped:
+                step = _grouped_step(model, cache, prompt_mask, G, max_new_tokens)
+            else:
+                if self.shared_prefix and G > 1:
+                    cache.batch_repeat_interleave(G)
+                    prompt_mask = prompt_mask.repeat_interleave(G, 0)
+                step = _row_step(model, cache, prompt_mask, max_new_tokens)
+            tokens, logprobs, lengths, reasons = _decode(step, logits, max_new_tokens, stop, temperature, top_p, generator)
         tokens, logprobs, lengths, reasons = tokens.tolist(), logprobs.tolist(), lengths.tolist(), reasons.tolist()
         groups = []
         for b, prompt in enumerate(prompts):
@@ -207,9 +222,79 @@ class HFEngine(RolloutEngine):
         return groups
 
 
-def _decode(model, logits, cache, prompt_mask, max_new_tokens, stop: StopRule, temperature, top_p, generator):
-    """The decode loop over all rows. Returns tokens and logprobs (rows x cap), lengths and finish-reason codes."""
+def _row_step(model, cache, prompt_mask: torch.Tensor, max_new_tokens: int):
+    """One decode step with one cache row per response: each row's new token attends to its prompt (minus the
+    padding) and its own earlier tokens. Returns ``step(tokens, t) -> next logits`` (rows x vocab, float32)."""
     n, width = prompt_mask.shape
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones((n, max_new_tokens))], dim=1)
+    prompt_lens = prompt_mask.sum(-1)
+    state = {"cache": cache}
+
+    def step(token: torch.Tensor, t: int) -> torch.Tensor:
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask[:, : width + t + 1],
+            position_ids=(prompt_lens + t)[:, None],
+            past_key_values=state["cache"],
+            use_cache=True,
+        )
+        state["cache"] = out.past_key_values
+        return out.logits[:, -1].float()
+
+    return step
+
+
+def _grouped_step(model, cache, prompt_mask: torch.Tensor, G: int, max_new_tokens: int):
+    """One decode step with one cache row per prompt: the G new tokens of a group go in as G query positions of
+    their prompt's row. Step s appends G keys to the row (key W + s*G + i is response i's token s); a 4D mask lets
+    response i see the prompt (minus its padding) and its own tokens only, at position prompt_len + s. Each step
+    then reads the prompt's keys and values once per group instead of once per response. Rows b*G + i of the
+    returned logits are response i of prompt b, the order of the row layout."""
+    B, width = prompt_mask.shape
+    own = torch.eye(G, dtype=torch.bool, device=prompt_mask.device).repeat(1, max_new_tokens)  # (G, G * cap)
+    allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(B, G, width), own.expand(B, G, -1)], dim=-1)
+    mask = attention_mask_4d(allowed[:, None].contiguous(), model)  # (B, 1, G, width + G * cap)
+    positions = prompt_mask.sum(-1, keepdim=True)  # (B, 1): position of each prompt's first response token
+
+    def step(token: torch.Tensor, t: int) -> torch.Tensor:
+        out = model(
+            input_ids=token.view(B, G),
+            attention_mask=mask[..., : width + G * (t + 1)],
+            position_ids=(positions + t).expand(B, G),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits.reshape(B * G, -1).float()
+
+    return step
+
+
+_GROUPED_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def grouped_decode_works(model) -> bool:
+    """May this model decode a group's G responses as G query positions of one cache row (``_grouped_step``)?
+
+    It needs the preallocated cache (full-attention layers) and an attention kernel that honours a custom 4D mask
+    with explicit position ids; the latter is the training forward's own check (``rmt.forward.fast_paths``),
+    decided once per model and attention kernel. Both hold for every stock full-attention model with ``eager`` or
+    ``sdpa``; not for flash-attention or sliding windows, which decode one row per response.
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    cached = _GROUPED_CHECKED.get(model)
+    if cached is not None and cached[0] == impl:
+        return cached[1]
+    from rmt.forward import fast_paths
+
+    ok = impl in SHARED_ATTENTION and _full_attention_cache(model) is not None and fast_paths(model).shared
+    _GROUPED_CHECKED[model] = (impl, ok)
+    return ok
+
+
+def _decode(step, logits, max_new_tokens, stop: StopRule, temperature, top_p, generator):
+    """The decode loop over all rows: sample, apply the stop rules, ``step`` the model for the next logits.
+    Returns tokens and logprobs (rows x cap), lengths and finish-reason codes."""
+    n = logits.shape[0]
     device = logits.device
     tokens = torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
@@ -218,9 +303,6 @@ def _decode(model, logits, cache, prompt_mask, max_new_tokens, stop: StopRule, t
     done = torch.zeros(n, dtype=torch.bool, device=device)
     since_close = torch.full((n,), -1, dtype=torch.long, device=device)  # tokens after the first </think>; -1 = none yet
     eos_ids = torch.tensor(stop.eos_ids, dtype=torch.long, device=device)
-    # Every step attends to the prompt (minus its padding) and all tokens generated so far.
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones((n, max_new_tokens))], dim=1)
-    prompt_lens = prompt_mask.sum(-1)
     for t in range(max_new_tokens):
         token, logprob = sample_tokens(logits, temperature, top_p, generator)
         tokens[:, t], logprobs[:, t] = token, logprob
@@ -236,15 +318,7 @@ def _decode(model, logits, cache, prompt_mask, max_new_tokens, stop: StopRule, t
         done |= ends_now
         if t + 1 == max_new_tokens or bool(done.all()):
             break
-
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask[:, : width + t + 1],
-            position_ids=(prompt_lens + t)[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits, cache = out.logits[:, -1].float(), out.past_key_values
+        logits = step(token, t)
     return tokens, logprobs, lengths, reasons
 
 
