@@ -1,27 +1,36 @@
-"""Hugging Face rollout engine: prefill each prompt once, copy its KV cache to G rows, decode all rows together.
+"""Hugging Face rollout engine: prefill each prompt once, decode its G responses against that one prefix cache.
 
 The idea of nanochat's ``Engine.generate`` (SPEC section 5) on top of Hugging Face's cache objects:
 
 1. Prefill: the B prompts, left-padded into one batch, go through one forward pass with an explicit attention mask
    and ``position_ids = cumsum(mask) - 1``, so padding shifts no position and each row's last column is its last
-   prompt token.
-2. Share: ``cache.batch_repeat_interleave(G)`` turns the B prefix caches into B*G rows (row b*G + i is response i of
-   prompt b), in place; the prefix is computed once, not G times.
-3. Decode: one token for all B*G rows per forward pass. A row that has stopped keeps running with the batch (its
-   later tokens are discarded); the loop ends when every row has stopped or the cap is reached.
+   prompt token. The prefix is computed once per prompt, not G times.
+2. Decode, grouped (the default): one forward pass per step in which the G new tokens of a group are G query
+   positions of their prompt's cache row; step s appends them as G keys, and a 4D mask lets response i see the
+   prompt and its own earlier tokens only, at position prompt_len + s. Each step reads a prompt's keys and values
+   once for its whole group. Response i of prompt b is row b*G + i of the logits and of the results.
+3. A row that has stopped keeps running with the batch (its later tokens are discarded); the loop ends when every
+   response has stopped or the cap is reached.
 
-The cache is preallocated: each layer's keys and values live in buffers sized prompt + max_new_tokens from the
-start, and every step writes its token in place (``PreallocatedLayer``). Hugging Face's ``DynamicCache`` instead
-concatenates, which allocates and re-copies every layer's whole cache for every new token: at prefix 1,024 that
-was most of the decode time (docs/benchmarks.md, section 2). Models whose cache has other kinds of layers
-(sliding windows, linear attention) and models without a Hugging Face config keep their own cache.
+Models whose attention does not honour a custom 4D mask (flash-attention; the training forward's ``fast_paths``
+check decides) decode one cache row per response instead: ``cache.batch_repeat_interleave(G)`` copies each prefix
+cache to its G rows, as ``generate_independent`` decodes.
+
+The cache is preallocated: each layer's keys and values live in buffers sized for the prompt and every token to
+come, and each step writes in place (``PreallocatedLayer``). Hugging Face's ``DynamicCache`` concatenates instead,
+which allocates and re-copies every layer's whole cache for every new token: at prefix 1,024 that was most of the
+decode time (docs/benchmarks.md, section 2). Models whose cache has other kinds of layers (sliding windows, linear
+attention) and models without a Hugging Face config keep their own cache and one row per response.
 
 ``generate_independent`` is the plain reference: it prefills G copies of every prompt and decodes the same rows in
 the same order with the same random draws, so with the same generator it gives the same tokens (tests, benchmark).
 
-Any causal LM whose forward takes ``input_ids, attention_mask, position_ids, past_key_values, use_cache,
-logits_to_keep`` and returns a cache with ``batch_repeat_interleave`` works (every stock model in transformers 5).
-Runs on the model's device and dtype; log-probabilities are computed in float32.
+Sampling draws from one noise tensor per step over the B*G rows in that order (``sample_tokens``), so every layout
+draws the same tokens with the same generator: the one-row layouts give the same logits to the bit, the grouped
+decode to float rounding (a draw could only tip on an exact near-tie; in bf16 rounding is coarser).
+Log-probabilities follow rollout/base.py's convention and are computed in float32. Any causal LM whose forward takes ``input_ids, attention_mask, position_ids, past_key_values,
+use_cache, logits_to_keep`` and returns a cache with ``batch_repeat_interleave`` works (every stock model in
+transformers 5). Runs on the model's device and dtype.
 """
 
 from __future__ import annotations
