@@ -127,7 +127,10 @@ class PreallocatedLayer(DynamicLayer):
         if n == 0 or not self._holds_views() or n + q > self._keys_buf.shape[2]:
             keys = self.keys if n else key_states[:, :, :0]
             values = self.values if n else value_states[:, :, :0]
-            self._allocate(key_states.shape[0], max(self.capacity, n + q), keys, values)
+            capacity = max(self.capacity, n + q)
+            if n and self._holds_views():  # outgrown: double, so that growing token by token stays linear
+                capacity = max(capacity, 2 * self._keys_buf.shape[2])
+            self._allocate(key_states.shape[0], capacity, keys, values)
         self._keys_buf[:, :, n : n + q].copy_(key_states)
         self._values_buf[:, :, n : n + q].copy_(value_states)
         self.keys, self.values = self._keys_buf[:, :, : n + q], self._values_buf[:, :, : n + q]
