@@ -13,16 +13,16 @@ Two measurements (issue "Scale and speed"):
 2. Peak memory with Qwen's 151,936-token vocabulary at 2,048 context on a tiny Llama (hidden 64, 2 layers). Each
    (batch, chunk) runs in a fresh subprocess: the peak resident set (VmHWM) is reset after the model is built
    (``/proc/self/clear_refs``; where that is refused, it counts from process start), so the number reported is
-   what one ``score_batch`` call adds on top of the model (eager and compiled). (``ru_maxrss`` is not used: in a child it starts from
-   the parent's peak at fork time.) It is set against the size of the full fp32 logits, batch x 2048 x 151936 x 4
-   bytes, which a bare forward must hold. The subprocesses run side by side, one per free core.
+   what one ``score_batch`` call adds on top of the model (eager and compiled). (``ru_maxrss`` is not used: in a
+   child it starts from the parent's peak at fork time.) It is set against the size of the full fp32 logits, batch x
+   2048 x 151936 x 4 bytes, which a bare forward must hold. The subprocesses run side by side, one per free core.
 
 Random weights and tokens, no downloads. One torch thread by default (``--threads``): on a machine shared with other
 jobs, two OpenMP threads wait for each other at every operator, which slows small operators far more than large
 matrix products and so skews the ratios. Run from the repository root:
 
-    python benchmarks/bench_scoring.py            # about 3 minutes on 2 busy CPU cores (--wide: +1 minute)
-    python benchmarks/bench_scoring.py --quick    # about 30 seconds
+    python benchmarks/bench_scoring.py            # about 8 minutes on 2 busy CPU cores (--wide, --previous: +5)
+    python benchmarks/bench_scoring.py --quick    # under 2 minutes
 """
 
 from __future__ import annotations

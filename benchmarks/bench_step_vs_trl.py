@@ -1,8 +1,9 @@
 """Benchmark 3: one GRPO step of RMT vs TRL's GRPOTrainer, same model, prompts and response length, on the CPU.
 
 Both sides train the same ~5M-parameter Llama (same initial weights, fp32, the same attention kernel) on the same
-2 prompts x G = 8 completions of exactly 32 new tokens (TRL: min and max new tokens 32; ours: a stop rule that never
-stops), with the same reward function. TRL runs with use_cpu=True, use_vllm=False, beta=0, one iteration, no
+2 prompts x G = 8 completions of exactly N new tokens (TRL: min and max new tokens N; ours: a stop rule that never
+stops), with the same reward function. Each case is a prompt length and N: by default 256:32, 768:32 and 768:128
+(RMT's responses are budget-bound, 2 B_t + answer, so longer ones weigh decoding more). TRL runs with use_cpu=True, use_vllm=False, beta=0, one iteration, no
 gradient checkpointing and no bf16 (its defaults turn both on; off is the faster setting on this CPU and the same
 as ours). Our step is built from the library's public pieces, as ``rmt.trainer.train_step`` does:
 HFEngine.generate_groups -> rewards -> losses.group_advantages -> forward.forward_logprobs -> losses.unified_loss
@@ -24,7 +25,8 @@ TRL's steps are timed from its ``on_step_begin`` to ``on_step_end`` callbacks (g
 optimizer step, its bookkeeping); its phases by wrapping ``_generate_single_turn``,
 ``_get_per_token_logps_and_entropies`` and ``accelerator.backward``.
 
-    python benchmarks/bench_step_vs_trl.py --prompt-lens 256 768 --reps 5 --out bench_step.json
+    python benchmarks/bench_step_vs_trl.py --reps 5 --out bench_step.json      # the three default cases
+    python benchmarks/bench_step_vs_trl.py --cases 768:128 --reps 3            # one case
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-G, NEW_TOKENS, N_PROMPTS = 8, 32, 2
+G, N_PROMPTS = 8, 2
+DEFAULT_CASES = ((256, 32), (768, 32), (768, 128))  # (prompt tokens, new tokens per completion)
 WORDS = ("the cat sat on a mat while one fox ran far away and every token of raw text is a target "
          "numbers like 12 plus 7 make 19 so we add carry and write the sum down then check it again").split()
 
@@ -138,7 +141,7 @@ class Timer:
         return timed
 
 
-def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, generator) -> dict:
+def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, generator, new_tokens: int) -> dict:
     from rmt import forward, losses
     from rmt.config import GRPOConfig
     from rmt.rollout import StopRule
@@ -147,7 +150,7 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
     if variant == "rmt-vllm":
         engine.sync_weights(model)  # untimed: the other variants changed the shared model since this one's last step
     start = t0 = now()
-    groups = engine.generate_groups(prompts, G, NEW_TOKENS, stop=StopRule(), temperature=1.0, generator=generator)
+    groups = engine.generate_groups(prompts, G, new_tokens, stop=StopRule(), temperature=1.0, generator=generator)
     t["rollout"], t0 = since(t0), now()
     texts = [tokenizer.decode(r.token_ids) for g in groups for r in g.responses]
     advantages = losses.group_advantages(torch.tensor(reward(texts)).view(len(groups), G)).view(-1, 1)
@@ -173,11 +176,11 @@ def rmt_step(model, optimizer, engine, tokenizer, rows, prompts, variant, genera
     t["optimizer"], t0 = since(t0), now()
     engine.sync_weights(model)  # the next rollouts see the new weights (a no-op for the HF engine)
     t["sync"], t["step"] = since(t0), since(start)
-    assert all(len(r.token_ids) == NEW_TOKENS for g in groups for r in g.responses)
+    assert all(len(r.token_ids) == new_tokens for g in groups for r in g.responses)
     return t
 
 
-def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_vllm: bool = False,
+def run(prompt_len: int, new_tokens: int, reps: int, warmup: int, attn: str, workdir: Path, use_vllm: bool = False,
         vllm_compile: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -211,8 +214,8 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_v
 
     args = GRPOConfig(
         output_dir=str(workdir / "trl"), use_cpu=True, use_vllm=False, bf16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=N_PROMPTS * G, num_generations=G, max_completion_length=NEW_TOKENS,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS}, learning_rate=1e-6, beta=0.0, num_iterations=1,
+        per_device_train_batch_size=N_PROMPTS * G, num_generations=G, max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens}, learning_rate=1e-6, beta=0.0, num_iterations=1,
         max_steps=warmup + reps, logging_steps=10_000, save_strategy="no", report_to="none",
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
@@ -244,7 +247,8 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_v
                 times["trl"].append(dict(trl_timer.t, step=step))
             k = self.step % len(variants)
             for v in variants[k:] + variants[:k]:
-                t = rmt_step(ours, optimizer, engines[v], tokenizer, rows, prompts, v, torch.Generator().manual_seed(self.step))
+                t = rmt_step(ours, optimizer, engines[v], tokenizer, rows, prompts, v, torch.Generator().manual_seed(self.step),
+                             new_tokens)
                 if self.step >= warmup:
                     times[v].append(t)
             self.step += 1
@@ -254,7 +258,8 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_v
     steps = warmup + reps
     assert sorted(map(tuple, seen_prompts)) == sorted(tuple(p) for p in prompts for _ in range(G * steps)), "TRL saw other ids"
 
-    result = {"prompt_len": [len(p) for p in prompts], "row_len": [len(r) for r in rows], "reps": reps}
+    result = {"prompt_len": [len(p) for p in prompts], "row_len": [len(r) for r in rows], "new_tokens": new_tokens,
+              "reps": reps}
     phases = ("rollout", "forward", "backward", "optimizer", "sync", "step")
     for name, runs in times.items():
         res = {}
@@ -269,9 +274,21 @@ def run(prompt_len: int, reps: int, warmup: int, attn: str, workdir: Path, use_v
     return result
 
 
+def parse_case(text: str) -> tuple[int, int]:
+    try:
+        prompt, new = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a case is PROMPT:NEW_TOKENS, e.g. 768:128; got {text!r}") from None
+    return prompt, new
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[256, 768])
+    ap.add_argument("--cases", type=parse_case, nargs="+", default=None, metavar="PROMPT:NEW",
+                    help="prompt tokens and new tokens per completion of each row (default 256:32 768:32 768:128)")
+    ap.add_argument("--prompt-lens", type=int, nargs="+", default=None,
+                    help="shorthand: these prompt lengths with --new-tokens each (instead of --cases)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per completion with --prompt-lens (default 32)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
@@ -282,6 +299,9 @@ def main():
     ap.add_argument("--vllm-compile", action="store_true",
                     help="run vLLM with torch.compile (rollout.vllm.enforce_eager=false) instead of the CPU default, eager")
     a = ap.parse_args()
+    if a.cases and a.prompt_lens:
+        ap.error("give --cases or --prompt-lens, not both")
+    cases = a.cases or ([(p, a.new_tokens) for p in a.prompt_lens] if a.prompt_lens else list(DEFAULT_CASES))
     torch.set_num_threads(a.threads)
     from rmt.rollout.vllm import vllm_available
 
@@ -289,10 +309,10 @@ def main():
     names = ["trl", "rmt-plain", "rmt-shared", "rmt-shared+ntp"] + (["rmt-vllm"] if use_vllm else [])
     results = {"attn": a.attn, "threads": a.threads, "model": "Llama h256 x 6 layers, 4 heads, i688, vocab 2048 (5.2M)"}
     with tempfile.TemporaryDirectory() as tmp:
-        for p in a.prompt_lens:
-            results[str(p)] = r = run(p, a.reps, a.warmup, a.attn, Path(tmp), use_vllm, a.vllm_compile)
+        for p, new in cases:
+            results[f"{p}:{new}"] = r = run(p, new, a.reps, a.warmup, a.attn, Path(tmp), use_vllm, a.vllm_compile)
             for clock in ("wall", "cpu"):
-                print(f"prompt {p} ({clock} time): " + ", ".join(
+                print(f"prompt {p}, {new} new tokens ({clock} time): " + ", ".join(
                     f"{k} {r[k][clock]['step']:.2f}s ({r[k][clock]['completions_per_s']:.2f} compl/s"
                     + (f", x{r[k][clock]['speedup_vs_trl']:.2f}" if "speedup_vs_trl" in r[k][clock] else "") + ")"
                     for k in names

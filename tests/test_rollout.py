@@ -302,3 +302,145 @@ def test_engine_details(tok_model):
         StopRule.from_tokenizer(tok, close_marker="</answer>")
     with pytest.raises(ValueError):
         StopRule(after_close=1)
+
+
+# --- the preallocated KV cache ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("temperature,top_p,after_close", [(1.0, 1.0, None), (0.8, 0.9, 1), (0.0, 1.0, None)])
+def test_preallocated_cache_draws_the_same_tokens_and_logprobs(tok_model, attn, shared, temperature, top_p, after_close):
+    """Same seed, same tokens and finish reasons as the engine with the model's own DynamicCache (one row per
+    response), the same log-probs (to the bit with one row per response; to float rounding for the grouped decode),
+    with left padding, both attention kernels, the shared and the independent prefill, sampling and greedy, stop
+    rules."""
+    tok, model = tok_model
+    model.set_attn_implementation(attn)
+    try:
+        prompts = _prompts(tok)
+
+        def run(stop, preallocate=True):
+            engine = HFEngine(model, pad_id=tok.pad_token_id, shared_prefix=shared, preallocate=preallocate)
+            return engine.generate_groups(
+                prompts, 3, 14, stop=stop, temperature=temperature, top_p=top_p,
+                generator=torch.Generator().manual_seed(11),
+            )
+
+        # The model's two most frequent tokens stand in for EOS and the close marker, so that rows stop at
+        # different steps and keep decoding with the batch after they stopped.
+        counts = torch.bincount(torch.tensor([t for g in _tokens(run(StopRule())) for r in g for t in r]))
+        eos, close = counts.argsort(descending=True)[:2].tolist()
+        stop = StopRule(eos_ids=(eos,), close_id=close, after_close=after_close)
+        ours, ref = run(stop), run(stop, preallocate=False)  # ref: the model's own DynamicCache, as before
+        reasons = [r.finish_reason for g in ours for r in g.responses]
+        assert "eos" in reasons and (after_close is None or "stop" in reasons) and "length" in reasons
+        assert _tokens(ours) == _tokens(ref)
+        for go, gr in zip(ours, ref):
+            for ro, rr in zip(go.responses, gr.responses):
+                assert ro.finish_reason == rr.finish_reason
+                if shared:  # the grouped decode: other attention shapes, the same values to float rounding
+                    assert ro.logprobs == pytest.approx(rr.logprobs, abs=1e-5)
+                else:  # one row per response, in place instead of concatenated: the same bits
+                    assert ro.logprobs == rr.logprobs
+        if temperature > 0:
+            assert all(len({tuple(t) for t in g}) > 1 for g in _tokens(ours))  # it sampled
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_preallocated_cache_is_used_and_written_in_place(tok_model, monkeypatch, shared):
+    """Shared prefix: one cache row per prompt holding the prompt and the G responses' tokens (grouped decode);
+    independent: one row per response."""
+    import rmt.rollout.hf as hf
+
+    tok, model = tok_model
+    made = []
+    real = hf.preallocated_cache
+    monkeypatch.setattr(hf, "preallocated_cache", lambda m, capacity: made.append(real(m, capacity)) or made[-1])
+    prompts = _prompts(tok)
+    HFEngine(model, pad_id=tok.pad_token_id, shared_prefix=shared).generate_groups(
+        prompts, 3, 5, stop=StopRule(), temperature=1.0
+    )
+    (cache,) = made
+    width = max(len(p) for p in prompts)
+    # 4 prompts x G=3 responses; 4 decoded tokens each (the 5th is sampled but never fed back)
+    rows, capacity, filled = (4, width + 3 * 5, width + 3 * 4) if shared else (12, width + 5, width + 4)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    for layer in cache.layers:
+        assert isinstance(layer, hf.PreallocatedLayer) and layer.capacity == capacity
+        assert layer.keys.shape[0] == rows and layer.get_seq_length() == filled
+        assert layer.keys.data_ptr() == layer._keys_buf.data_ptr() and layer._keys_buf.shape[2] == capacity
+
+
+def test_preallocated_layer_returns_what_a_dynamic_layer_returns():
+    """Updates, the G-fold repeat, outgrowing the capacity, crop and row selection: the same keys and values as
+    Hugging Face's DynamicLayer after every operation."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rmt.rollout.hf import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+
+    def kv(rows, n):
+        return torch.randn(rows, 2, n, 3, generator=g), torch.randn(rows, 2, n, 3, generator=g)
+
+    ours, ref = PreallocatedLayer(capacity=7), DynamicLayer()
+
+    def same(out_ours, out_ref):
+        assert all(torch.equal(a, b) for a, b in zip(out_ours, out_ref))
+        assert ours.get_seq_length() == ref.get_seq_length()
+
+    k, v = kv(2, 4)
+    same(ours.update(k, v), ref.update(k, v))  # prefill
+    ours.batch_repeat_interleave(3)
+    ref.batch_repeat_interleave(3)
+    same((ours.keys, ours.values), (ref.keys, ref.values))
+    for _ in range(3):  # decode to the capacity (4 + 3 = 7): written in place
+        k, v = kv(6, 1)
+        same(ours.update(k, v), ref.update(k, v))
+        assert ours.keys.data_ptr() == ours._keys_buf.data_ptr() and ours._keys_buf.shape == (6, 2, 7, 3)
+    k, v = kv(6, 2)  # outgrows the capacity: moved to buffers of twice the size
+    same(ours.update(k, v), ref.update(k, v))
+    assert ours._keys_buf.shape[2] == 14
+    ours.crop(-3)
+    ref.crop(-3)
+    k, v = kv(6, 1)
+    same(ours.update(k, v), ref.update(k, v))
+    idx = torch.tensor([5, 0, 2])
+    ours.batch_select_indices(idx)
+    ref.batch_select_indices(idx)
+    k, v = kv(3, 1)
+    same(ours.update(k, v), ref.update(k, v))
+
+
+def test_preallocated_cache_only_for_full_attention_models(tok_model):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rmt.rollout.hf import PreallocatedLayer, preallocated_cache
+
+    _, model = tok_model
+    assert all(isinstance(layer, PreallocatedLayer) for layer in preallocated_cache(model, 10).layers)
+    assert preallocated_cache(ScriptedLM({0: [EOS]}), 10) is None  # no Hugging Face config
+    sliding = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=32, use_sliding_window=True, sliding_window=4, max_window_layers=0,
+    ))
+    assert preallocated_cache(sliding, 10) is None  # sliding-window layers keep the model's own cache
+
+
+def test_shared_prefix_without_grouped_decode_repeats_the_cache(tok_model, monkeypatch):
+    """Where a model cannot decode a group as query positions of one row (no custom 4D masks), the shared path
+    copies each prompt's cache to its G rows and gives the reference's log-prob bits."""
+    import rmt.rollout.hf as hf
+
+    tok, model = tok_model
+    monkeypatch.setattr(hf, "grouped_decode_works", lambda m: False)
+    kw = dict(stop=StopRule.from_tokenizer(tok), temperature=0.9, generator=None)
+    ours = HFEngine(model, pad_id=tok.pad_token_id).generate_groups(
+        _prompts(tok), 3, 9, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    ref = HFEngine(model, pad_id=tok.pad_token_id, preallocate=False).generate_groups(
+        _prompts(tok), 3, 9, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    assert [[(r.token_ids, r.logprobs) for r in g.responses] for g in ours] == \
+        [[(r.token_ids, r.logprobs) for r in g.responses] for g in ref]

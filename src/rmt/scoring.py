@@ -129,7 +129,8 @@ class _CompiledEntropy:
             return self.fn(logits)
         except Exception as exc:  # no C++ compiler, no Triton, an unsupported platform: torch raises many kinds
             self.failed = True
-            log.warning("torch.compile of the entropy failed, scoring runs without it: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("torch.compile of the entropy failed, scoring runs without it: %s", reason)
             return None
 
 
