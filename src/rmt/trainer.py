@@ -151,7 +151,11 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
 
     Raises ``Interrupted`` (after the checkpoint) when SIGINT or SIGTERM stopped an unfinished run.
     """
+    from rmt.modeling import check_model_paths
+
     check_run_dir_path(Path(cfg.output.dir))
+    if model is None:
+        check_model_paths(cfg)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
         return _train(cfg, model, tokenizer, held)
 
