@@ -89,7 +89,10 @@ def test_failure_message_says_what_why_and_how():
     msg = preflight.failure_message("training (rmt)", record, cfg)
     assert "closed </think> in 0 of 32 responses (0.0%)" in msg and "truncated 32" in msg and "'abc'" in msg
     assert "prompt.style=chat" in msg and "reward 0" in msg and "preflight.on_fail=warn" in msg
-    assert "docs/own-corpus.md" in msg
+    assert "docs/own-corpus.md" in msg and "pretrain.think_blocks" in msg and "generation cap" not in msg
+    # a model that closes the block but reasons past the cap is told to give it room, not to change model
+    long = {**record, **preflight.format_rates([True] * 4 + [False] * 28, [True] * 4 + [False] * 28, ["ok"] * 4 + ["truncated"] * 28)}
+    assert "cut by the generation cap of 1616 tokens" in preflight.failure_message("training (rmt)", long, cfg)
 
 
 def test_config_rejects_a_bad_threshold():

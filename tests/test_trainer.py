@@ -48,9 +48,10 @@ def test_every_preset_runs_a_few_steps(corpus, tmp_path, preset):
     assert (run / "final" / "model.safetensors").is_file()
     assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
     if cfg.train.rl:
-        assert {"reward", "rollout_accuracy", "think_len_mean", "malformed_frac", "budget", "p_hard"} <= set(rows[-1])
+        assert {"reward", "rollout_accuracy", "think_len_mean", "malformed_frac", "p_hard"} <= set(rows[-1])
+        assert ("budget" in rows[-1]) == cfg.budget.enabled, "a budget only where the method has one (not rpt)"
     else:
-        assert "reward" not in rows[-1] and rows[-1]["ntp_loss"] > 0
+        assert "reward" not in rows[-1] and "budget" not in rows[-1] and "p_hard" not in rows[-1] and rows[-1]["ntp_loss"] > 0
 
 
 def test_flops_are_counted_per_step_and_add_up(corpus, tmp_path):

@@ -138,7 +138,12 @@ def score(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = Ov
 @app.command()
 @_errors
 def pretrain(config: Optional[str] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Train a small Llama from scratch: the embedded default's base model, or one on pretrain.corpus (resumable)."""
+    """Train a small Llama from scratch: the embedded default's base model, or one on pretrain.corpus (resumable).
+
+    A model pre-trained on your own corpus will not reason in RMT's template unless the corpus shows the
+    <think>...</think> format: rmt train and rmt eval (reasoning mode) then stop at their pre-flight check.
+    pretrain.think_blocks=0.1 puts empty thinking blocks into pre-training so that the model closes them
+    (docs/own-corpus.md)."""
     import json
 
     from rmt.embedded import base_model_summary

@@ -563,12 +563,21 @@ class PretrainConfig(Section):
     corpus: str | None = Field(
         None,
         description="Pre-training corpus (text file, folder of .txt, .jsonl, .parquet or HF dataset; read with data.text_field "
-        "and data.encoding_errors). None = the embedded default's base split, trained into the cache.",
+        "and data.encoding_errors). None = the embedded default's base split, trained into the cache. A corpus without "
+        "<think>...</think> gives a model that cannot reason in RMT's template: see pretrain.think_blocks.",
     )
     tokenizer: str | None = Field(
         None, description="Tokenizer folder to use. None = train a byte-level BPE (individual digits) on the corpus."
     )
     vocab_size: int = Field(512, ge=300, le=1_000_000, description="Vocabulary size when a tokenizer is trained (256 bytes + merges + specials).")
+    think_blocks: float = Field(
+        0.0, ge=0.0, le=0.5,
+        description="On pretrain.corpus: an empty <think></think> after this share of the training tokens (seeded; held-out "
+        "rows stay plain). A model pre-trained on plain prose never closes a thinking block, so RMT's reasoning mode is "
+        "100% malformed and the pre-flight check stops it; with blocks in pre-training it learns to close one where "
+        "nothing is worked out (reasoning mode then predicts like NTP; it learns no reasoning). 0 = plain corpus. "
+        "docs/own-corpus.md measures it.",
+    )
     output_dir: str = Field("runs/base", description="Where a pretraining on pretrain.corpus writes its model, checkpoints and metrics.")
     hidden_size: int = Field(256, ge=8, description="Model width (SPEC section 8: 256).")
     num_layers: int = Field(4, ge=1, description="Transformer layers (SPEC section 8: 4).")

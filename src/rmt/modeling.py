@@ -6,6 +6,7 @@ config asks. Weights load through safetensors (``use_safetensors=True``): a pick
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,9 +38,61 @@ def looks_local(path: str) -> bool:
 
 
 def check_local_path(path: str, what: str) -> None:
-    """A local-looking path that does not exist is an error at once (not a minute of retries against the hub)."""
+    """A local-looking path that does not exist is an error at once (not a minute of retries against the hub); so is
+    a bare name (``base_model``, no ``/``) that is no folder here and that the hub, asked once, does not have."""
     if looks_local(path) and not Path(os.path.expanduser(str(path))).exists():
-        raise ModelError(f"{what}: no such folder: {path}")
+        raise ModelError(f"{what}: no such folder: {path}{_did_you_mean(str(path))}")
+    if "/" not in str(path) and not Path(str(path)).exists():
+        problem = _bare_name_problem(str(path))
+        if problem:
+            raise ModelError(f"{what}: no such folder: {path}{_did_you_mean(str(path))}, and {problem}")
+
+
+def check_model_paths(cfg: RMTConfig, *extra: tuple[str, str | None]) -> None:
+    """model.path and model.tokenizer (and ``extra`` (what, path) pairs) are checked by ``check_local_path`` before
+    any work: a stage that would fail on them after minutes of preparation fails at once."""
+    for what, path in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer), *extra):
+        if path is not None:
+            check_local_path(path, what)
+
+
+def _did_you_mean(path: str) -> str:
+    """`` (did you mean runs/base_model?)`` for a close folder name beside the one asked for; empty when none."""
+    import difflib
+
+    p = Path(os.path.expanduser(path))
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return ""
+    try:
+        names = [q.name for q in parent.iterdir() if q.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.75)
+    return f" (did you mean {path[: len(path) - len(p.name)]}{close[0]}?)" if close else ""
+
+
+@functools.lru_cache(maxsize=64)
+def _bare_name_problem(name: str) -> str | None:
+    """Why a bare name that is no folder here cannot be a hub model either (None when it can, or may). A bare name
+    is a folder typed wrong more often than one of the hub's few unprefixed models (gpt2): one request, without the
+    library's retries, answers it in a second instead of a minute of retries."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+        return None  # in the local hub cache
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set and no hub model of that name is cached"
+    try:
+        HfApi().model_info(name, timeout=10)
+    except GatedRepoError:
+        return None  # exists; the library asks for access
+    except RepositoryNotFoundError:
+        return f"the hub has no model {name!r} that you can access"
+    except Exception as e:  # noqa: BLE001 - no connection, DNS, proxy: say so rather than retry for a minute
+        return f"the hub (huggingface.co) cannot be reached to look for a model of that name ({type(e).__name__}: {e})"
+    return None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

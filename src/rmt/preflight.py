@@ -84,7 +84,15 @@ def failure_message(where: str, record: dict, cfg: RMTConfig, also: str = "") ->
         "scores 0 for every model. RMT needs a model that can reason in this template: a reasoning (instruct) model "
         "with prompt.style=chat, or a base model whose pre-training showed the format "
         f"({p.think_open}...{p.think_close} followed by the answer), like the embedded default's.",
-        "How to go on: use such a model (docs/own-corpus.md, 'When the pre-flight check fails'); or set prompt.* to a "
+    ]
+    st = record.get("statuses", {})
+    if st.get("truncated", 0) > record["measured"] / 2 and record["closed"] > 0:
+        lines.append(f"Most responses were cut by the generation cap of {record.get('cap')} tokens (truncated) and some did close "
+                     "the block: if this model reasons at length, give it room (a larger budget.b0 or rollout.max_response_tokens "
+                     "in training, eval.max_response_tokens in evaluation) rather than another model.")
+    lines += [
+        "How to go on: use such a model (docs/own-corpus.md, 'When the pre-flight check fails'; a base model of your "
+        "own: `rmt pretrain` with pretrain.think_blocks=0.03 teaches it to close the block); or set prompt.* to a "
         "template this model already follows; " + (f"{also}; " if also else "") + "or, to run anyway, set "
         "preflight.on_fail=warn (preflight.positions=0 skips the check).",
     ]

@@ -22,6 +22,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,6 +42,13 @@ BOOKKEEPING_FIELDS = frozenset(
     {"corpus", "tokenizer", "output_dir", "eval_every", "eval_rows", "save_every", "keep_checkpoints", "probe_problems",
      "use_shipped"}
 )
+
+
+def weight_settings(pcfg: PretrainConfig) -> dict:
+    """The pretrain fields that change the trained weights: a run's identity and the embedded cache key. Options
+    that are off are left out, so that models built before they existed keep their identity."""
+    exclude = set(BOOKKEEPING_FIELDS) | ({"think_blocks"} if pcfg.think_blocks == 0 else set())
+    return pcfg.model_dump(mode="json", exclude=exclude)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,13 +109,36 @@ def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[list[
     return train, held
 
 
-def pack_rows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """``[bos] doc [eos]`` for every document, concatenated and cut into rows of ``seq_len`` (the tail is dropped)."""
+def insert_think_blocks(ids: list[int], rate: float, block: Sequence[int], rng) -> list[int]:
+    """``ids`` with ``block`` (the ids of an empty ``<think></think>``) inserted after each token with probability
+    ``rate`` (``rng``: a numpy Generator). Pure given the generator; rate 0 returns ``ids`` unchanged."""
+    import numpy as np
+
+    if rate <= 0 or not ids:
+        return list(ids)
+    after = np.flatnonzero(rng.random(len(ids)) < rate) + 1
+    if after.size == 0:
+        return list(ids)
+    out = np.insert(np.asarray(ids, dtype=np.int64), np.repeat(after, len(block)), np.tile(np.asarray(block), after.size))
+    return out.tolist()
+
+
+def pack_rows(tokenizer, texts: list[str], seq_len: int, think_rate: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``[bos] doc [eos]`` for every document, concatenated and cut into rows of ``seq_len`` (the tail is dropped).
+
+    ``think_rate`` (pretrain.think_blocks): an empty ``<think></think>`` after that share of the tokens, seeded."""
+    import numpy as np
+
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    block = tokenizer.encode("<think></think>", add_special_tokens=False) if think_rate > 0 else []
+    if think_rate > 0 and len(block) != 2:
+        raise DataError(f"pretrain.think_blocks needs <think> and </think> as single tokens of the tokenizer (they encode to {block})")
+    rng = np.random.default_rng([seed, 23])
     pieces = []
     for i in range(0, len(texts), TOKENIZE_BATCH):
         enc = tokenizer(texts[i : i + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
+        enc = [insert_think_blocks(ids, think_rate, block, rng) for ids in enc] if think_rate > 0 else enc
         pieces.extend(torch.tensor(bos + ids + eos, dtype=torch.long) for ids in enc)
     stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     n_rows = stream.numel() // seq_len
@@ -231,7 +262,7 @@ def _run_identity(pcfg: PretrainConfig, corpus: Path, tokenizer_dir: Path | None
         "corpus": str(corpus.resolve()),
         "tokenizer": str(tokenizer_dir.resolve()) if tokenizer_dir else None,
         "text_field": text_field,
-        "pretrain": pcfg.model_dump(mode="json", exclude=set(BOOKKEEPING_FIELDS)),
+        "pretrain": weight_settings(pcfg),
     }
 
 
@@ -292,7 +323,7 @@ def train_base_model(
     atomic_write_text(out / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     train_idx, held_idx = split_documents(len(texts), pcfg.eval_fraction, pcfg.seed)
     tokenizer = _load_or_train_tokenizer(out, tokenizer_dir, [texts[i] for i in train_idx], pcfg.vocab_size)
-    rows = pack_rows(tokenizer, [texts[i] for i in train_idx], pcfg.seq_len)
+    rows = pack_rows(tokenizer, [texts[i] for i in train_idx], pcfg.seq_len, pcfg.think_blocks, pcfg.seed)
     held_rows = pack_rows(tokenizer, [texts[i] for i in held_idx], pcfg.seq_len)[: pcfg.eval_rows]
     if len(held_rows) == 0 and pcfg.eval_fraction > 0 and len(rows) >= 2:
         # One long document (a single text file): hold out the tail of the stream instead.

@@ -268,6 +268,10 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     from rmt.embedded import resolve_model_path, resolve_tokenizer_path
     from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, tokenizer_fingerprint
 
+    from rmt.modeling import check_model_paths
+
+    if model is None:
+        check_model_paths(cfg, ("scoring.reference_model", cfg.scoring.reference_model))
     prepared = Path(cfg.data.prepared_dir)
     prep_meta = load_meta(prepared)
     state = PartialState(cpu=not torch.cuda.is_available())

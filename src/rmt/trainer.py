@@ -88,17 +88,42 @@ def make_scheduler(cfg: RMTConfig, optimizer, total: int):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total)
 
 
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def stop_message(step_times: list[float], elapsed: float | None) -> str:
+    """What Ctrl-C is told: when the current step will end, from the mean of the last (at most 10) step times, and
+    what happens then. ``elapsed``: seconds the current step has run (None between steps)."""
+    after = "then a checkpoint is saved and the run stops (Ctrl-C again to stop at once, losing the steps since the last checkpoint)"
+    if elapsed is None:
+        return f"interrupt received: {after}"
+    if not step_times:
+        return (f"interrupt received: the first step has run {_duration(elapsed)} and no step has finished yet to tell how "
+                f"long one takes; when it ends, {after}")
+    mean = sum(step_times[-10:]) / len(step_times[-10:])
+    if elapsed < mean:
+        return (f"interrupt received: the current step should end in about {_duration(mean - elapsed)} (a step takes "
+                f"{_duration(mean)} on average here); {after}")
+    return (f"interrupt received: the current step has run {_duration(elapsed)}, longer than the {_duration(mean)} a step "
+            f"takes on average here, and should end soon; {after}")
+
+
 class _StopFlag:
     """Ctrl-C (SIGINT) or SIGTERM ask the loop to checkpoint and stop after the current step.
 
     ``signum`` is the signal that asked (None when the loop itself set ``requested``); ``check`` raises
-    ``Interrupted`` for it once the checkpoint is written, so the command exits with 130 or 143.
+    ``Interrupted`` for it once the checkpoint is written, so the command exits with 130 or 143. The loop keeps
+    ``step_times`` and ``step_started`` so that the message says how long the current step still takes.
     """
 
     def __init__(self):
         self.requested = False
         self.signum: int | None = None
         self._old = {}
+        self.step_times: list[float] = []
+        self.step_started: float | None = None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -113,7 +138,8 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
-        log.warning("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)")
+        elapsed = None if self.step_started is None else time.perf_counter() - self.step_started
+        log.warning(stop_message(self.step_times, elapsed))
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -152,7 +178,11 @@ def train(cfg: RMTConfig, model=None, tokenizer=None) -> Path:
 
     Raises ``Interrupted`` (after the checkpoint) when SIGINT or SIGTERM stopped an unfinished run.
     """
+    from rmt.modeling import check_model_paths
+
     check_run_dir_path(Path(cfg.output.dir))
+    if model is None:
+        check_model_paths(cfg)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
         return _train(cfg, model, tokenizer, held)
 
@@ -237,7 +267,7 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
     step = start_step
     with _StopFlag() as stop:
         while step < T and not stop.requested:
-            t0 = time.perf_counter()
+            t0 = stop.step_started = time.perf_counter()
             rows = batch_indices(step, cfg.train.sequences_per_step, len(data), cfg.train.seed)
             global_tiers = data.select(rows.tolist())["tier"] if cfg.train.rl else None
             picked = data.select(rows[rank::world].tolist())
@@ -250,6 +280,7 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
                 engine.sync_weights(model)  # once per step, after the update: the next rollouts see the new weights
             metrics = reduce_metrics(metrics, accelerator)
             metrics["time_step_s"] = time.perf_counter() - t0
+            stop.step_times.append(metrics["time_step_s"])
             flops_total += metrics.get("flops", 0.0)
             metrics["flops_total"] = flops_total
             if not metrics.pop("finite"):
@@ -381,7 +412,12 @@ def train_step(cfg, step, T, batch, global_tiers, model, ref_model, tokenizer, e
     rank, world = accelerator.process_index, accelerator.num_processes
     budget = schedules.budget_at(step, T, cfg.budget)
     probs = schedules.tier_probs_at(step, T, cfg.curriculum)
-    metrics = {"budget": budget, "lr": scheduler.get_last_lr()[0], "p_easy": probs[0], "p_medium": probs[1], "p_hard": probs[2]}
+    # Only what the method has: no budget without a budget (rpt) or without RL (ntp), no tier mix without RL.
+    metrics = {"lr": scheduler.get_last_lr()[0]}
+    if cfg.train.rl:
+        metrics.update(p_easy=probs[0], p_medium=probs[1], p_hard=probs[2])
+        if cfg.budget.enabled:
+            metrics["budget"] = budget
 
     rl = None
     if cfg.train.rl:

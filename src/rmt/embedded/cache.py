@@ -62,10 +62,9 @@ def tokenizer_key(cfg: RMTConfig) -> str:
 
 
 def model_key(cfg: RMTConfig) -> str:
-    from rmt.pretrain import BOOKKEEPING_FIELDS
+    from rmt.pretrain import weight_settings
 
-    pretrain = cfg.pretrain.model_dump(mode="json", exclude=set(BOOKKEEPING_FIELDS))
-    return _key({"tokenizer": tokenizer_key(cfg), "pretrain": pretrain})
+    return _key({"tokenizer": tokenizer_key(cfg), "pretrain": weight_settings(cfg.pretrain)})
 
 
 def embedded_paths(cfg: RMTConfig) -> EmbeddedArtifacts:
