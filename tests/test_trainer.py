@@ -224,6 +224,18 @@ def test_finished_run_is_not_rerun_and_other_config_is_refused(corpus, tmp_path,
     assert (run / "final" / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(CheckpointError, match="another config"):
         trainer.train(run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2", "train.lr=0.5"))
+    # a folder written before a field existed: the field reads as its default, so the run is the same
+    import yaml
+
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    del written["pretrain"]["seed"]
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    trainer.train(cfg)  # pretrain.seed is at its default in cfg: the same run, still finished
+    del written["train"]["lr"]
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    other_lr = run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2", "train.lr=0.5")
+    with pytest.raises(CheckpointError, match=r"another config \(differs in train.lr\)"):
+        trainer.train(other_lr)  # a missing field reads as its default, which is not 0.5
 
 
 def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):

@@ -175,6 +175,10 @@ def _check_or_reset(cfg: RMTConfig, run_dir: Path, cfg_file: Path) -> None:
     except (ValueError, yaml.YAMLError) as e:
         raise CheckpointError(f"{cfg_file} is damaged ({str(e).splitlines()[0]}); restore it or choose another output.dir") from None
     new = cfg.model_dump(mode="json")
+    try:  # a folder written by an older version: fields added since then read as their defaults
+        old = type(cfg).model_validate(old).model_dump(mode="json")
+    except ValueError:
+        pass  # a field renamed or removed since: compare what was written
     changed = [d for d in _diff(old, new) if d not in RESUMABLE_CHANGES and d[0] not in RESUMABLE_SECTIONS]
     if changed and not cfg.output.overwrite:
         names = ", ".join(".".join(d) for d in changed[:6])
