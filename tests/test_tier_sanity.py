@@ -76,6 +76,7 @@ def test_rmt_score_shows_what_each_tier_holds_and_warns(tmp_path, tiny_model_dir
     assert sanity["examples"]["easy"] == [] and sanity["top_tokens"]["hard"][0][1] > 0
     text = "\n".join(sanity["warnings"])
     assert "the hard tier holds 100% of the RL positions" in text and "try scoring.tier_rule=quantile" in text
+    assert "the easy tier is empty: no position to train on or to evaluate there" in text
     assert "uniform guess" in text
     out = format_summary(summary)
     assert "what each tier holds" in out and out.splitlines()[-1].startswith("warning: ")

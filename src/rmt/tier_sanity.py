@@ -69,6 +69,8 @@ def tier_warnings(counts: dict[str, int], eval_counts: dict[str, int] | None, to
         if share > DOMINANT_SHARE:
             out.append(f"the {tier} tier holds {100 * share:.0f}% of the RL positions: the curriculum and the per-tier "
                        f"accuracies can hardly tell tiers apart; {fix}")
+        elif counts.get(tier, 0) == 0:
+            out.append(f"the {tier} tier is empty: no position to train on or to evaluate there; {fix}")
         elif share < SPARSE_SHARE:
             out.append(f"the {tier} tier is nearly empty ({counts.get(tier, 0)} positions, {100 * share:.1f}% of the RL "
                        f"positions): its accuracies rest on few, possibly peculiar tokens; {fix}")
