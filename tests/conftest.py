@@ -99,3 +99,19 @@ def tiny_model_dir(tmp_path_factory):
     tok = build_tiny_tokenizer(path)
     build_tiny_model(path, tok)
     return path
+
+
+def crash_on_third_step(monkeypatch):
+    """Make the trainer's third ``train_step`` call raise (a crash mid-run); returns the real step to restore."""
+    import rmt.trainer as trainer
+
+    real_step, calls = trainer.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    return real_step

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import text_corpus
+from conftest import crash_on_third_step, text_corpus
 from safetensors.torch import load_file
 
 import rmt.trainer as trainer
@@ -118,15 +118,7 @@ def test_a_run_with_filtering_resumes_exactly(corpus, tmp_path, monkeypatch):
         ])
 
     straight = trainer.train(cfg(tmp_path / "a"))
-    real_step, calls = trainer.train_step, {"n": 0}
-
-    def crash_on_third_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", crash_on_third_step)
+    real_step = crash_on_third_step(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train(cfg(tmp_path / "b"))
     monkeypatch.setattr(trainer, "train_step", real_step)

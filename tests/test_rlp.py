@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import text_corpus
+from conftest import crash_on_third_step, text_corpus
 from safetensors.torch import load_file
 
 import rmt.trainer as trainer
@@ -185,19 +185,6 @@ def test_ema_moves_once_per_step_and_is_checkpointed(corpus, tmp_path, tiny_mode
             torch.testing.assert_close(ema[k], 0.5 * previous[k] + 0.5 * model[k], rtol=0, atol=1e-6)
         assert any(not torch.equal(ema[k], model[k]) for k in ema)
         previous = ema
-
-
-def crash_on_third_step(monkeypatch):
-    real_step, calls = trainer.train_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", step)
-    return real_step
 
 
 def test_resume_with_the_ema_model_is_bit_identical(corpus, tmp_path, monkeypatch):
