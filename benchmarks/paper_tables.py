@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap samples of each paired comparison")
     p.add_argument("--write-doc", default=None, help="a markdown file whose generated section gets the tables")
+    p.add_argument("--doc-section", default=None,
+                   help="name of the generated section to replace (markers <!-- paper_tables:NAME:begin/end -->), so "
+                        "one page can hold several runs' tables (e.g. the ablations); default: the unnamed section")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every stage (e.g. train.lr=5e-5)")
     args = p.parse_args(argv)
     size = QUICK if args.quick else {}
@@ -560,14 +563,20 @@ def write_markdown(args, results: dict) -> str:
     return "\n".join(md)
 
 
-def write_doc(path: Path, body: str, figure: str | None) -> None:
-    """Replace the generated section of ``path`` (between BEGIN and END) with ``body``; copy the figure beside it."""
-    text = path.read_text() if path.is_file() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        sys.exit(f"{path} has no {BEGIN} ... {END} section to replace")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+def section_markers(name: str | None) -> tuple[str, str]:
+    """The markers around a generated section: the unnamed one, or ``<!-- paper_tables:NAME:begin -->`` ..."""
+    return (BEGIN, END) if name is None else (f"<!-- paper_tables:{name}:begin -->", f"<!-- paper_tables:{name}:end -->")
+
+
+def write_doc(path: Path, body: str, figure: str | None, section: str | None = None) -> None:
+    """Replace the generated section of ``path`` (between its markers) with ``body``; copy the figure beside it."""
+    begin, end = section_markers(section)
+    text = path.read_text() if path.is_file() else f"{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        sys.exit(f"{path} has no {begin} ... {end} section to replace")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
     if figure:
         shutil.copy(figure, path.parent / Path(figure).name)
 
@@ -653,7 +662,7 @@ def main(argv=None) -> dict:
             save()
     save()
     if args.write_doc:
-        write_doc(Path(args.write_doc), (args.out / "results.md").read_text(), results.get("curves_png"))
+        write_doc(Path(args.write_doc), (args.out / "results.md").read_text(), results.get("curves_png"), args.doc_section)
     stamp(f"done: {args.out / 'results.md'}")
     print((args.out / "results.md").read_text())
     return results

@@ -131,3 +131,30 @@ def test_a_run_with_filtering_resumes_exactly(corpus, tmp_path, monkeypatch):
     assert [[r[k] for k in keys] for r in ma] == [[r[k] for k in keys] for r in mb]
     assert any(r["filter_rounds"] > 0 for r in ma)  # extra positions were drawn, so the resume covers them
     assert [p.name for p in list_checkpoints(resumed)] == ["step-0000002", "step-0000004"]
+
+
+def test_a_positions_rollouts_do_not_depend_on_the_positions_batched_with_it(corpus, tiny_model_dir):
+    """The answer rule gives a position inside a value room to restate its written part: the batch generates under
+    its longest, and each position keeps what its own cap and stop rule allow. So a position outside any value gets
+    the same responses alone and beside a position inside a long word (the same with 1 or 2 processes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = load_config("rmt", [*corpus, "budget.b0=2"])
+    assert collect.reads_first_token(cfg) and cfg.prompt.skip_restatement
+    seqs = load_scored(cfg.data.prepared_dir, "train").select(range(4))["input_ids"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    engine = collect.make_engine(cfg, AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), tok)
+    decode = lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    written = {(b, pos): len(collect.written_part(cfg, list(seqs[b][:pos]), decode))
+               for b in range(len(seqs)) for pos in range(8, len(seqs[b]))}
+    outside = next(p for p, n in written.items() if n == 0)
+    inside = next(p for p, n in written.items() if n >= 2)
+
+    def responses(positions):
+        out = collect.roll_out(cfg, engine, tok, seqs, positions, 2, 6, group_size=1, temperature=0.0, batch_size=8)
+        return [[(r.token_ids, r.finish_reason) for r in g.responses] for g in out.groups]
+
+    alone = responses([outside])[0]
+    assert responses([outside, inside])[0] == alone
+    assert responses([inside, outside])[1] == alone
+    assert all(len(ids) <= 6 for ids, _ in alone)  # its own cap, not the batch's 6 + written part

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmt.config import RolloutConfig
-from rmt.rollout import HFEngine, StopRule, generate_independent, make_engine, sample_tokens
+from rmt.rollout import HFEngine, Response, StopRule, cut_to_rule, generate_independent, make_engine, sample_tokens
 
 EOS, CLOSE, FREE = 1, 2, -1  # token ids of the scripted model; FREE = sample from ScriptedLM.free_logits
 
@@ -227,6 +227,38 @@ def test_stop_rule_and_cap_property(scripts, cap, after_close, group_size):
             assert (r.token_ids, r.finish_reason) == _expected(script, cap, after_close)
             assert r.truncated == (r.finish_reason == "length")
             assert not r.truncated or len(r.token_ids) == cap
+
+
+def test_cut_to_rule_by_hand():
+    r = Response([5, 6, CLOSE, 7, 8, 9], [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6], "length")
+    # One token after </think>: ends on 7, stopped by the rule.
+    assert cut_to_rule(r, StopRule((EOS,), CLOSE, 1), 10) == Response([5, 6, CLOSE, 7], [-0.1, -0.2, -0.3, -0.4], "stop")
+    # A smaller cap comes first: cut by length.
+    assert cut_to_rule(r, StopRule((EOS,), CLOSE, 1), 2) == Response([5, 6], [-0.1, -0.2], "length")
+    # Nothing tighter than what generated it: the response itself.
+    assert cut_to_rule(r, StopRule((EOS,), CLOSE, None), 6) is r
+    # EOS before the rule's end wins.
+    e = Response([CLOSE, EOS, 4], [-1.0, -2.0, -3.0], "length")
+    assert cut_to_rule(e, StopRule((EOS,), CLOSE, 2), 10) == Response([CLOSE, EOS], [-1.0, -2.0], "eos")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=st.lists(st.integers(0, 6), min_size=1, max_size=12),
+    cap=st.integers(1, 10),
+    more_cap=st.integers(0, 5),
+    after_close=st.one_of(st.none(), st.integers(0, 3)),
+    more_after=st.one_of(st.none(), st.integers(0, 3)),
+)
+def test_cut_to_rule_gives_what_the_tighter_rule_generates(script, cap, more_cap, after_close, more_after):
+    """Generating under a looser rule (a larger cap, more tokens after </think>, or no close rule) and cutting gives
+    exactly the response the tighter rule generates, log-probs included."""
+    loose_after = None if after_close is None or more_after is None else after_close + more_after
+    tokens, reason = _expected(script, cap + more_cap, loose_after)
+    loose = Response(tokens, [-float(i) for i in range(len(tokens))], reason)
+    cut = cut_to_rule(loose, StopRule((EOS,), CLOSE, after_close), cap)
+    assert (cut.token_ids, cut.finish_reason) == _expected(script, cap, after_close)
+    assert cut.logprobs == loose.logprobs[: len(cut.token_ids)]
 
 
 def test_cap_on_the_real_model(tok_model):

@@ -32,12 +32,6 @@ from rmt.scoring import score_corpus  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(
-    reason="known bug: with rollout.engine=vllm, 2 processes sample other responses than 1 process from the first step "
-    "(rl_tokens 183 vs 188 on this test; per-position seeds are the same, the pre-flight check is not the cause); "
-    "the HF engine's 2-process run matches (tests/test_distributed.py)",
-    strict=False,
-)
 def test_two_processes_with_vllm_match_one_process(tmp_path):
     model_dir = tmp_path / "model"
     build_model(model_dir, build_tiny_tokenizer(model_dir))

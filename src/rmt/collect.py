@@ -16,10 +16,11 @@ import torch
 from rmt import losses, prompts, rewards, sampling, schedules
 from rmt.config import RMTConfig
 from rmt.errors import ModelError
-from rmt.rollout import Group, Response, RolloutEngine, StopRule, make_engine as _make_engine
+from rmt.rollout import Group, Response, RolloutEngine, StopRule, cut_to_rule, make_engine as _make_engine
 from rmt.tiers import NTP_ONLY, RL_TIERS, TIER_NAMES
 
 PREFIX_CONTINUATION = 16  # true next tokens given to the prefix-matching reward
+WRITTEN_LOOKBACK = 16  # tokens before a position searched for the part of the current value already written
 
 
 def check_markers(cfg: RMTConfig, tokenizer) -> None:
@@ -163,7 +164,7 @@ def written_part(cfg: RMTConfig, prefix: list[int], decode) -> list[int]:
     restatement; empty otherwise."""
     if not (reads_first_token(cfg) and cfg.prompt.skip_restatement):
         return []
-    return prompts.current_value_ids(prefix[-16:], decode)
+    return prompts.current_value_ids(prefix[-WRITTEN_LOOKBACK:], decode)
 
 
 def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positions, prompt_budget: int | None, cap: int, *,
@@ -176,7 +177,10 @@ def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positi
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
     written = [written_part(cfg, list(sequences[b][:pos]), decode) for b, pos in positions]
     extra = max((len(w) for w in written), default=0)
-    prompt_ids, n_cut = build_prompts(cfg, tokenizer, sequences, positions, prompt_budget, cap + extra, max_context)
+    # Prompts are fitted to the context with room for the longest possible restatement, not this batch's longest,
+    # so that a position's prompt does not depend on the positions it is batched with.
+    room = WRITTEN_LOOKBACK if reads_first_token(cfg) and cfg.prompt.skip_restatement else 0
+    prompt_ids, n_cut = build_prompts(cfg, tokenizer, sequences, positions, prompt_budget, cap + room, max_context)
     stop = stop_rule(cfg, tokenizer, extra)
     groups: list[Group] = []
     step = max(1, len(prompt_ids)) if engine.continuous_batching else batch_size
@@ -185,6 +189,11 @@ def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positi
             prompt_ids[i : i + step], group_size, cap + extra, stop=stop, temperature=temperature, top_p=cfg.rollout.top_p,
             **({"seeds": seeds[i : i + step]} if seeds is not None else {"generator": generator}),
         )
+    generated = [(len(g.prompt_ids), len(r.token_ids)) for g in groups for r in g.responses]
+    # The batch was generated under its longest written part; each position keeps what its own cap and stop rule
+    # allow (cap + its written part), so its responses do not depend on its batch or on the number of processes.
+    groups = [Group(g.prompt_ids, [cut_to_rule(r, stop_rule(cfg, tokenizer, len(w)), cap + len(w)) for r in g.responses])
+              for g, w in zip(groups, written)]
     parsed_all, cut_groups, truths = [], [], []
     for (b, pos), group, w in zip(positions, groups, written):
         parsed = [prompts.parse_response(r.token_ids, tokenizer, cfg.prompt, truncated=r.truncated, written_ids=w)
@@ -197,7 +206,6 @@ def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positi
         parsed_all.append(parsed)
         cut_groups.append(Group(group.prompt_ids, responses))
         truths.append(rewards.Truth.from_ids(sequences[b][pos : pos + PREFIX_CONTINUATION], decode))
-    generated = [(len(g.prompt_ids), len(r.token_ids)) for g in groups for r in g.responses]
     return Rollouts(cut_groups, parsed_all, truths, cap, extra, n_cut, generated, written)
 
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from rmt.rollout.base import FinishReason, Group, Response, RolloutEngine, StopRule, sample_tokens
+from rmt.rollout.base import FinishReason, Group, Response, RolloutEngine, StopRule, cut_to_rule, sample_tokens
 from rmt.rollout.hf import HFEngine, generate_independent
 
 ENGINES = ("hf", "vllm")
@@ -31,6 +31,7 @@ __all__ = [
     "Response",
     "RolloutEngine",
     "StopRule",
+    "cut_to_rule",
     "generate_independent",
     "make_engine",
     "sample_tokens",

@@ -74,6 +74,31 @@ class Response:
         return self.finish_reason == "length"
 
 
+def cut_to_rule(response: Response, stop: StopRule, max_new_tokens: int) -> Response:
+    """The response that generation under ``stop`` and ``max_new_tokens`` would have returned, from one generated
+    under a looser rule or a larger cap: the same tokens (an engine's draws at a step do not depend on where the
+    response will end), cut where the tighter rule ends it. Callers that generate a batch under its loosest rule use
+    it to give each prompt the response its own rule allows, independent of the prompts it was batched with."""
+    ids, eos = response.token_ids, set(stop.eos_ids)
+    closed_at = None
+    for i, token in enumerate(ids):
+        if i >= max_new_tokens:
+            return Response(ids[:i], response.logprobs[:i], "length")
+        if token in eos:
+            reason: FinishReason = "eos"
+        elif stop.after_close is not None and (closed_at is not None or token == stop.close_id):
+            closed_at = i if closed_at is None else closed_at
+            if i - closed_at < stop.after_close:
+                continue
+            reason = "stop"
+        else:
+            continue
+        if i + 1 == len(ids) and reason == response.finish_reason:
+            return response
+        return Response(ids[: i + 1], response.logprobs[: i + 1], reason)  # a stop token on the last step wins over length
+    return response
+
+
 @dataclass
 class Group:
     """The G responses sampled for one prompt."""
