@@ -169,7 +169,18 @@ def train_summary(folder: Path) -> dict:
         "rollout_accuracy": mean("rollout_accuracy"), "ntp_loss_last": last.get("ntp_loss"), "budget_first": rows[0].get("budget") if rows else None,
         "budget_last": last.get("budget"), "think_len_last": last.get("think_len_mean"),
         "rollout_accuracy_last": last.get("rollout_accuracy"), "b0_auto": json.loads(b0.read_text()) if b0.is_file() else None,
+        # Where the budget stops binding and starts cutting: rollout accuracy on computed positions and the share of
+        # rollouts cut by the cap (2B + answer allowance), over the first and the last fifth of the run.
+        **{f"{key}_{part}": window_mean(rows, key, part) for key in ("rollout_accuracy_computed", "truncated_frac")
+           for part in ("first", "last")},
     }
+
+
+def window_mean(rows: list[dict], key: str, part: str) -> float | None:
+    """Mean of ``key`` over the first or the last fifth of a run's steps (None when no step has it)."""
+    n = max(1, len(rows) // 5)
+    values = [r[key] for r in (rows[:n] if part == "first" else rows[-n:]) if key in r]
+    return float(np.mean(values)) if values else None
 
 
 def midtrain(args, seed: int) -> dict:
@@ -483,7 +494,8 @@ def comparison_table(rows: list[dict]) -> str:
 def training_table(args, trained: dict) -> str:
     seeds = list(trained)
     lines = ["| Method | Steps | Train TFLOPs | Train s | s/step | RL positions/step | Budget first / last | Think len, last step | "
-             "Rollout acc, mean | NTP loss, last step |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Rollout acc, mean | Rollout acc on computed, first / last fifth | Cut by the cap, first / last fifth | "
+             "NTP loss, last step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in trained_methods(args):
         rows = [trained[s][m] for s in seeds]
         f = lambda key, fmt="{:.1f}": (lambda v: "–" if v is None else fmt.format(v))(mean_or_none([r.get(key) for r in rows]))  # noqa: E731
@@ -491,7 +503,9 @@ def training_table(args, trained: dict) -> str:
         budget = "–" if rows[0].get("budget_first") is None or m in ("rpt", "rlp", "ntp", NTP_FLOPS) else f"{f('budget_first', '{:.0f}')} / {f('budget_last', '{:.0f}')}"
         lines.append(f"| {LABELS.get(m, m)} | {f('steps', '{:.0f}')} | {'–' if flops is None else f'{flops / 1e12:.3g}'} | {f('train_s', '{:.0f}')} | "
                      f"{f('step_s_mean')} | {f('rl_positions_per_step', '{:.0f}')} | {budget} | {f('think_len_last')} | "
-                     f"{f('rollout_accuracy', '{:.3f}')} | {f('ntp_loss_last', '{:.3f}')} |")
+                     f"{f('rollout_accuracy', '{:.3f}')} | {f('rollout_accuracy_computed_first', '{:.2f}')} / "
+                     f"{f('rollout_accuracy_computed_last', '{:.2f}')} | {f('truncated_frac_first', '{:.2f}')} / "
+                     f"{f('truncated_frac_last', '{:.2f}')} | {f('ntp_loss_last', '{:.3f}')} |")
     return "\n".join(lines)
 
 

@@ -39,3 +39,10 @@ def test_a_page_without_the_section_is_refused_unchanged(tmp_path):
     with pytest.raises(SystemExit, match="paper_tables:rlp:begin"):
         paper_tables.write_doc(path, "x", None, "rlp")
     assert path.read_text() == before
+
+
+def test_window_mean_reads_the_first_and_the_last_fifth():
+    rows = [{"x": float(i)} for i in range(10)] + [{"y": 1.0}]  # 11 steps: a fifth is 2 steps; the last lacks x
+    assert paper_tables.window_mean(rows, "x", "first") == 0.5
+    assert paper_tables.window_mean(rows, "x", "last") == 9.0  # steps 10 and 11, only step 10 has x
+    assert paper_tables.window_mean(rows, "z", "first") is None
