@@ -313,7 +313,9 @@ def scored(tmp_path_factory, tiny_model_dir):
     overrides = [f"model.path={tiny_model_dir}", f"data.path={src}", f"data.prepared_dir={tmp / 'prep'}",
                  "data.seq_len=32", "data.eval_fraction=0.5", "scoring.tier_rule=quantile",
                  "scoring.quantiles=[0.2,0.5,0.8]", "eval.positions_per_tier=6", "eval.batch_size=4",
-                 "eval.budget=3", "budget.answer_allowance=2", f"output.dir={tmp / 'run'}", PREFLIGHT_WARN]
+                 "eval.budget=3", "budget.answer_allowance=2", f"output.dir={tmp / 'run'}", PREFLIGHT_WARN,
+                 # The random tiny model rarely closes its thinking: a small cap keeps reasoning mode to seconds.
+                 "eval.max_response_tokens=24"]
     cfg = load_config(None, overrides)
     prepare_corpus(cfg)
     score_corpus(cfg)
