@@ -542,10 +542,11 @@ def write_markdown(args, results: dict) -> str:
     groups = {k: np.asarray(v, dtype=bool) for k, v in results["groups"].items()}
     ci = f"mean ± 95% t half-width over {len(evals)} seeds" if len(evals) > 1 else "one seed"
     s = results["settings"]
+    also = " (and NTP at RMT's FLOPs)" if NTP_FLOPS in s["methods"] else ""
     md = [
         f"Command: `{results['command']}`", "",
         f"Seeds (train.seed): {', '.join(map(str, evals))}. Mid-training: {s['steps']} steps x {s['sequences_per_step']} "
-        f"sequences for every method (and NTP at RMT's FLOPs); eval positions per tier: "
+        f"sequences for every method{also}; eval positions per tier: "
         + ", ".join(f"{t} {n[t]}" for t in TIERS) + f" ({int(groups['computed'].sum())} inside computed values, "
         f"{int(groups['computed later'].sum())} of them after a value's first character); reasoning mode greedy with one cap "
         f"of {first['settings'].get('cap')} tokens for every model. Scoring: {first['settings'].get('match_rule', 'exact match')}",
