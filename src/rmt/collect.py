@@ -192,7 +192,8 @@ def roll_out(cfg: RMTConfig, engine: RolloutEngine, tokenizer, sequences, positi
     generated = [(len(g.prompt_ids), len(r.token_ids)) for g in groups for r in g.responses]
     # The batch was generated under its longest written part; each position keeps what its own cap and stop rule
     # allow (cap + its written part), so its responses do not depend on its batch or on the number of processes.
-    groups = [Group(g.prompt_ids, [cut_to_rule(r, stop_rule(cfg, tokenizer, len(w)), cap + len(w)) for r in g.responses])
+    own_stop = {n: stop_rule(cfg, tokenizer, n) for n in {len(w) for w in written}}  # one rule per written length
+    groups = [Group(g.prompt_ids, [cut_to_rule(r, own_stop[len(w)], cap + len(w)) for r in g.responses])
               for g, w in zip(groups, written)]
     parsed_all, cut_groups, truths = [], [], []
     for (b, pos), group, w in zip(positions, groups, written):
