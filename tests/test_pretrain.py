@@ -238,6 +238,16 @@ def test_position_kind():
     ]
 
 
+def test_steps_form_by_hand():
+    from rmt.embedded.probe import steps_form
+
+    assert steps_form("2+6=8;8+3=11;11+4=15") == "worked"
+    assert steps_form("1-5=-4;-4-9=-13") == "worked"
+    assert steps_form("8;11;15") == "compact"
+    assert steps_form("-4;-13") == "compact"
+    assert steps_form("") == steps_form(" ") == "empty"
+
+
 def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -272,6 +282,18 @@ def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(position_probe(f32, tok, corpus["midtrain"], n=24)))
     with pytest.raises(SystemExit, match="usage"):
         probe_main([str(out)])
+    from rmt.embedded.probe import thinking_forms
+
+    forms = thinking_forms(model, tok, corpus["midtrain"], n=6, samples=3, think_tokens=8, seed=1)
+    assert forms["positions"] == 6 and forms["mean_think_tokens"] <= 8
+    parts = forms["forms"].values()
+    assert sum(f["share"] for f in parts) == pytest.approx(1.0)
+    assert sum(f["share"] * f["accuracy"] for f in parts) == pytest.approx(forms["accuracy"])
+    # a position counts when at least one of its right responses is in the form: never more than the right responses
+    assert all(f["positions_with_a_right_one"] * 6 <= f["share"] * f["accuracy"] * 18 + 1e-9 for f in parts)
+    assert thinking_forms(model, tok, corpus["midtrain"], n=6, samples=3, think_tokens=8, seed=1) == forms  # seeded
+    probe_main([str(out), str(docs), "5", "--forms"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(thinking_forms(f32, tok, corpus["midtrain"], n=5)))
     ntp = ntp_accuracy(model, tok, corpus["eval"])
     n_computed = sum(b - a for d in corpus["eval"] for a, b in d["computed_spans"])  # one token per character here
     assert ntp["tokens"] == sum(len(d["text"]) + 1 for d in corpus["eval"]) and n_computed > 0

@@ -11,6 +11,8 @@ Two measurements (SPEC section 8), both greedy and batched:
   after thinking? Split by what the next token is: part of a computed value, the end of one (the newline after an
   answer), or anything else (operands, operators, ``=``).
 - ``ntp_accuracy``: teacher-forced loss and argmax accuracy over documents, on computed and on other tokens.
+- ``thinking_forms``: at computed positions, responses sampled as RMT's rollouts are, put in forms (worked steps,
+  running results only, empty): how often each way of reasoning is drawn and how often it is right.
 - ``posttrain_accuracy``: on post-training records (prompt and verifiable answer apart), the answer read after
   ``</think>`` (reasoning mode) or right after the prompt (direct mode), scored by the generator's verifier.
 """
@@ -232,6 +234,78 @@ def position_probe(
     return out
 
 
+def steps_form(thought: str) -> str:
+    """Which way a chain_sum scratchpad reasons: ``worked`` (``2+6=8;8+3=11``), ``compact`` (running results only,
+    ``8;11``) or ``empty`` (nothing)."""
+    if not thought.strip():
+        return "empty"
+    return "worked" if "=" in thought else "compact"
+
+
+def thinking_forms(
+    model,
+    tokenizer,
+    docs: list[dict],
+    n: int = 200,
+    samples: int = 8,
+    temperature: float = 1.0,
+    think_tokens: int = 64,
+    batch_size: int = 64,
+    seed: int = 0,
+    classify=steps_form,
+) -> dict:
+    """How the model reasons at computed positions, sampled as RMT's rollouts are, and how well each way does.
+
+    ``n`` random token positions inside the ``computed_spans`` of ``docs`` (drawn with ``seed``), each prompted as RMT
+    prompts it (``[bos] prefix <think>``) ``samples`` times at ``temperature``; the answer is read as in
+    ``position_probe``. Each response's thinking is put in a form by ``classify`` (decoded text -> name). Returns the
+    share of responses in each form, the accuracy and mean thinking length of each form and overall, and the share
+    of positions where some response in a form is right (what a group of ``samples`` rollouts can reinforce).
+    """
+    from rmt.prompts import current_value_ids, restatement_length
+
+    open_id, _, _ = _special_ids(tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    sites = []
+    for d, doc in enumerate(docs):
+        enc = tokenizer(doc["text"], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        sites += [(ids, k) for k in range(1, len(ids)) if position_kind(offsets[k][0], doc.get("computed_spans", [])) == "computed"]
+    if not sites:
+        return {"n": 0}
+    rng = random.Random(seed)
+    sites = rng.sample(sites, min(n, len(sites)))
+    prompts = [bos + ids[:k] for ids, k in sites for _ in range(samples)]
+    targets = [ids[k] for ids, k in sites for _ in range(samples)]
+    written = [current_value_ids(p[-16:], decode) for p in prompts]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        thoughts, answers = think_then_answer(
+            model, tokenizer, [p + [open_id] for p in prompts], 1 + max(len(w) for w in written), think_tokens, batch_size, temperature
+        )
+    right, forms = [], []
+    for t, a, w, y in zip(thoughts, answers, written, targets):
+        read = None if a is None else a[restatement_length(a, w, decode) :][:1]
+        right.append(bool(read) and read[0] != eos and read[0] == y)
+        forms.append(classify(decode(t)) if a is not None else "malformed")
+    m = len(prompts)
+    out = {"positions": len(sites), "samples": samples, "temperature": temperature, "accuracy": sum(right) / m,
+           "mean_think_tokens": sum(len(t) for t in thoughts) / m, "forms": {}}
+    for form in sorted(set(forms)):
+        sel = [i for i, f in enumerate(forms) if f == form]
+        out["forms"][form] = {
+            "share": len(sel) / m,
+            "accuracy": sum(right[i] for i in sel) / len(sel),
+            "mean_think_tokens": sum(len(thoughts[i]) for i in sel) / len(sel),
+            "positions_with_a_right_one": sum(
+                any(right[i] and forms[i] == form for i in range(j * samples, (j + 1) * samples)) for j in range(len(sites))
+            ) / len(sites),
+        }
+    return out
+
+
 @torch.no_grad()
 def ntp_accuracy(model, tokenizer, docs: list[dict], batch_size: int = 32) -> dict:
     """Teacher-forced next-token loss and argmax accuracy over ``[bos] text [eos]`` of each document.
@@ -352,7 +426,8 @@ def probe_base_model(cfg: RMTConfig, arts) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N]``: the position probe of any model on a corpus, as JSON."""
+    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms]``: the position probe of any model on a
+    corpus, as JSON; with ``--forms``, ``thinking_forms`` at N computed positions instead (8 samples each at T=1)."""
     import json
     import sys
 
@@ -363,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     from rmt.modeling import load_model, load_tokenizer
 
     args = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N]"
+    forms = "--forms" in args
+    args = [a for a in args if a != "--forms"]
+    usage = "usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms]"
     if len(args) not in (2, 3) or len(args) == 3 and not args[2].isdigit():
         raise SystemExit(usage)
     try:
@@ -375,7 +452,10 @@ def main(argv: list[str] | None = None) -> None:
         records = read_jsonl(args[1])
     except (RMTError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    result = position_probe(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 500)
+    if forms:
+        result = thinking_forms(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 200)
+    else:
+        result = position_probe(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 500)
     print(json.dumps(result, indent=2))
 
 
