@@ -310,8 +310,10 @@ def posttrain_data(args) -> dict[str, Path]:
 
     indist = [{"question": question_text(r), "answer": r["answer"], "task": "regular"} for r in records if r.get("terms", 0) != TRANSFER_TERMS]
     transfer = [{"question": question_text(r), "answer": r["answer"], "task": "transfer"} for r in records if r.get("terms", 0) == TRANSFER_TERMS]
-    if len(indist) < n_train + n_eval:
-        sys.exit(f"the post-training split has {len(indist)} regular questions, fewer than {n_train} + {n_eval}")
+    # With long problems in the corpus (embedded.long_terms) fewer regular questions are left: train on the rest.
+    n_train = min(n_train, len(indist) - n_eval)
+    if n_train < 1:
+        sys.exit(f"the post-training split has {len(indist)} regular questions, too few for {n_eval} held out and any to train on")
     seen = {compact(q["question"])[:-1] for q in transfer}
     for split in ("midtrain", "eval"):  # generated questions must not be corpus problems
         for line in Path(args.base[split]).read_text().splitlines():

@@ -46,3 +46,26 @@ def test_window_mean_reads_the_first_and_the_last_fifth():
     assert paper_tables.window_mean(rows, "x", "first") == 0.5
     assert paper_tables.window_mean(rows, "x", "last") == 9.0  # steps 10 and 11, only step 10 has x
     assert paper_tables.window_mean(rows, "z", "first") is None
+
+
+def test_posttrain_data_trains_on_the_regular_questions_left_when_the_corpus_has_long_ones(tmp_path):
+    """With embedded.long_terms a quarter of the post-training split is long: the held-out regular questions come
+    first, the training mix takes what is left (it used to stop with an error), and no question is in two sets."""
+    import argparse
+    import json
+
+    from rmt.config import EmbeddedConfig
+    from rmt.embedded.corpus import write_corpus
+
+    cfg = EmbeddedConfig(long_terms=5, long_fraction=0.25, base_problems=40, midtrain_problems=40, eval_problems=40,
+                         posttrain_problems=40)
+    write_corpus(cfg, tmp_path / "corpus")
+    base = {s: str(tmp_path / "corpus" / f"{s}.jsonl") for s in ("midtrain", "eval", "posttrain")}
+    args = argparse.Namespace(out=tmp_path / "out", base=base, qa_train=32, qa_eval=8)
+    files = paper_tables.posttrain_data(args)
+    rows = {k: [json.loads(line) for line in f.read_text().splitlines()] for k, f in files.items()}
+    regular = [r for r in rows["train"] if r["task"] == "regular"]
+    assert len(rows["eval_indist"]) == 8 and len(regular) == 30 - 8  # 40 problems, 10 of them long
+    assert len(rows["eval_transfer"]) == 8 and all(r["task"] == "transfer" for r in rows["eval_transfer"])
+    questions = [[r["question"] for r in rows[k]] for k in ("train", "eval_indist", "eval_transfer")]
+    assert sum(map(len, questions)) == len(set().union(*map(set, questions)))
