@@ -29,7 +29,8 @@ are cached as JSON), so a stopped run goes on where it stopped when called again
 
 Outputs in ``--out``: ``results.json`` (everything, per seed), ``results.md`` (the tables) and
 ``posttrain_curves.png``. ``--write-doc FILE`` also replaces the part of FILE between the markers
-``<!-- paper_tables:begin -->`` and ``<!-- paper_tables:end -->`` with the tables (and copies the figure beside it).
+``<!-- paper_tables:begin -->`` and ``<!-- paper_tables:end -->`` with the tables (and copies the figure beside it);
+with ``--doc-section NAME`` the markers ``<!-- paper_tables:NAME:begin/end -->`` and ``posttrain_curves-NAME.png``.
 """
 
 from __future__ import annotations
@@ -586,8 +587,13 @@ def section_markers(name: str | None) -> tuple[str, str]:
 
 
 def write_doc(path: Path, body: str, figure: str | None, section: str | None = None) -> None:
-    """Replace the generated section of ``path`` (between its markers) with ``body``; copy the figure beside it."""
+    """Replace the generated section of ``path`` (between its markers) with ``body``; copy the figure beside it (a
+    named section's figure under its own name, ``posttrain_curves-<section>.png``, so sections never share one)."""
     begin, end = section_markers(section)
+    if figure and section:
+        fig = Path(figure)
+        name = f"{fig.stem}-{section}{fig.suffix}"
+        body = body.replace(f"]({fig.name})", f"]({name})")
     text = path.read_text() if path.is_file() else f"{begin}\n{end}\n"
     if begin not in text or end not in text:
         sys.exit(f"{path} has no {begin} ... {end} section to replace")
@@ -595,7 +601,7 @@ def write_doc(path: Path, body: str, figure: str | None, section: str | None = N
     tail = rest.split(end, 1)[1]
     path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
     if figure:
-        shutil.copy(figure, path.parent / Path(figure).name)
+        shutil.copy(figure, path.parent / (name if section else Path(figure).name))
 
 
 # --- main -------------------------------------------------------------------------------------------------------

@@ -69,3 +69,18 @@ def test_posttrain_data_trains_on_the_regular_questions_left_when_the_corpus_has
     assert len(rows["eval_transfer"]) == 8 and all(r["task"] == "transfer" for r in rows["eval_transfer"])
     questions = [[r["question"] for r in rows[k]] for k in ("train", "eval_indist", "eval_transfer")]
     assert sum(map(len, questions)) == len(set().union(*map(set, questions)))
+
+
+def test_a_named_sections_figure_gets_its_own_name(tmp_path):
+    """Two sections with post-training curves on one page: each keeps its own figure."""
+    path = page(tmp_path)
+    main_fig, other_fig = tmp_path / "a" / "posttrain_curves.png", tmp_path / "b" / "posttrain_curves.png"
+    for fig, data in ((main_fig, b"main"), (other_fig, b"other")):
+        fig.parent.mkdir()
+        fig.write_bytes(data)
+    paper_tables.write_doc(path, "main\n![curves](posttrain_curves.png)", str(main_fig))
+    paper_tables.write_doc(path, "other\n![curves](posttrain_curves.png)", str(other_fig), "ablations")
+    text = path.read_text()
+    assert "main\n![curves](posttrain_curves.png)" in text and "other\n![curves](posttrain_curves-ablations.png)" in text
+    assert (tmp_path / "posttrain_curves.png").read_bytes() == b"main"
+    assert (tmp_path / "posttrain_curves-ablations.png").read_bytes() == b"other"
