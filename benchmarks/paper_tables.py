@@ -590,10 +590,10 @@ def write_doc(path: Path, body: str, figure: str | None, section: str | None = N
     """Replace the generated section of ``path`` (between its markers) with ``body``; copy the figure beside it (a
     named section's figure under its own name, ``posttrain_curves-<section>.png``, so sections never share one)."""
     begin, end = section_markers(section)
-    if figure and section:
+    if figure:
         fig = Path(figure)
-        name = f"{fig.stem}-{section}{fig.suffix}"
-        body = body.replace(f"]({fig.name})", f"]({name})")
+        fig_name = f"{fig.stem}-{section}{fig.suffix}" if section else fig.name
+        body = body.replace(f"]({fig.name})", f"]({fig_name})")
     text = path.read_text() if path.is_file() else f"{begin}\n{end}\n"
     if begin not in text or end not in text:
         sys.exit(f"{path} has no {begin} ... {end} section to replace")
@@ -601,7 +601,7 @@ def write_doc(path: Path, body: str, figure: str | None, section: str | None = N
     tail = rest.split(end, 1)[1]
     path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
     if figure:
-        shutil.copy(figure, path.parent / (name if section else Path(figure).name))
+        shutil.copy(figure, path.parent / fig_name)
 
 
 # --- main -------------------------------------------------------------------------------------------------------

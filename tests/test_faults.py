@@ -535,6 +535,10 @@ def test_probe_loads_safetensors_only(tmp_path, tiny_model_dir):
         probe_main([str(pickled), str(docs), "2"])
     with pytest.raises(SystemExit, match="no such folder"):
         probe_main([str(tmp_path / "none"), str(docs), "2"])
+    text = tmp_path / "notes.txt"  # a corpus that is not JSON Lines: a message naming it, not a JSON traceback
+    text.write_text("1+2=3\n")
+    with pytest.raises(SystemExit, match="notes.txt is not a JSON Lines file"):
+        probe_main([str(tiny_model_dir), str(text), "2", "--forms"])
 
 
 def test_presets_name_only_options_that_exist():

@@ -155,6 +155,19 @@ def reasoning_advantage(
     }
 
 
+def next_tokens_read(answers: list[list[int] | None], written: list[list[int]], decode, eos: int | None) -> list[int | None]:
+    """The token each answer predicts, read as RMT reads it: past a restatement of the part of the current value
+    already written (``rmt.prompts.restatement_length``); None when the response never closed ``</think>``, or gave
+    nothing or EOS after it."""
+    from rmt.prompts import restatement_length
+
+    out = []
+    for a, w in zip(answers, written):
+        token = None if a is None else a[restatement_length(a, w, decode) :][:1]
+        out.append(token[0] if token and token[0] != eos else None)
+    return out
+
+
 POSITION_KINDS = ("computed", "answer_end", "other")
 
 
@@ -181,7 +194,7 @@ def position_probe(
     ``computed_first`` and ``computed_later`` characters of a value, ``answer_end``, ``other``): n, well_formed,
     malformed, direct and reasoning accuracy (a malformed response counts as wrong), mean and empty-think share.
     """
-    from rmt.prompts import current_value_ids, restatement_length
+    from rmt.prompts import current_value_ids
 
     open_id, _, pad = _special_ids(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -207,8 +220,8 @@ def position_probe(
     direct = generate_ids(model, prompts, 1, [], pad, batch_size, suppress=[open_id])
     width = 1 + max(len(w) for w in written)
     thoughts, answers = think_then_answer(model, tokenizer, [p + [open_id] for p in prompts], width, think_tokens, batch_size)
-    read = [None if a is None else a[restatement_length(a, w, decode) :][:1] for a, w in zip(answers, written)]
-    formed = [r is not None and len(r) > 0 and r[0] != eos for r in read]
+    read = next_tokens_read(answers, written, decode, eos)
+    formed = [r is not None for r in read]
 
     def summary(sel: list[int]) -> dict:
         m = len(sel)
@@ -219,7 +232,7 @@ def position_probe(
             "well_formed": sum(formed[i] for i in sel) / m,
             "malformed": 1 - sum(formed[i] for i in sel) / m,
             "direct_accuracy": sum(direct[i][:1] == [targets[i]] for i in sel) / m,
-            "reasoning_accuracy": sum(formed[i] and read[i][0] == targets[i] for i in sel) / m,
+            "reasoning_accuracy": sum(formed[i] and read[i] == targets[i] for i in sel) / m,
             "mean_think_tokens": sum(len(thoughts[i]) for i in sel) / m,
             "empty_think": sum(formed[i] and not thoughts[i] for i in sel) / m,
         }
@@ -262,7 +275,7 @@ def thinking_forms(
     share of responses in each form, the accuracy and mean thinking length of each form and overall, and the share
     of positions where some response in a form is right (what a group of ``samples`` rollouts can reinforce).
     """
-    from rmt.prompts import current_value_ids, restatement_length
+    from rmt.prompts import current_value_ids
 
     open_id, _, _ = _special_ids(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -274,7 +287,7 @@ def thinking_forms(
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         sites += [(ids, k) for k in range(1, len(ids)) if position_kind(offsets[k][0], doc.get("computed_spans", [])) == "computed"]
     if not sites:
-        return {"n": 0}
+        return {"positions": 0}
     rng = random.Random(seed)
     sites = rng.sample(sites, min(n, len(sites)))
     prompts = [bos + ids[:k] for ids, k in sites for _ in range(samples)]
@@ -285,11 +298,8 @@ def thinking_forms(
         thoughts, answers = think_then_answer(
             model, tokenizer, [p + [open_id] for p in prompts], 1 + max(len(w) for w in written), think_tokens, batch_size, temperature
         )
-    right, forms = [], []
-    for t, a, w, y in zip(thoughts, answers, written, targets):
-        read = None if a is None else a[restatement_length(a, w, decode) :][:1]
-        right.append(bool(read) and read[0] != eos and read[0] == y)
-        forms.append(classify(decode(t)) if a is not None else "malformed")
+    right = [r is not None and r == y for r, y in zip(next_tokens_read(answers, written, decode, eos), targets)]
+    forms = [classify(decode(t)) if a is not None else "malformed" for t, a in zip(thoughts, answers)]
     m = len(prompts)
     out = {"positions": len(sites), "samples": samples, "temperature": temperature, "accuracy": sum(right) / m,
            "mean_think_tokens": sum(len(t) for t in thoughts) / m, "forms": {}}
@@ -446,10 +456,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not Path(args[1]).is_file():
             raise RMTError(f"no such corpus file: {args[1]}")
+        try:
+            records = read_jsonl(args[1])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RMTError(f"{args[1]} is not a JSON Lines file of {{\"text\", \"computed_spans\"}} records: {e}") from None
         # Safetensors only, through the same loader as every stage (a pickled checkpoint is refused).
         model = load_model(args[0], RMTConfig.model_validate({"model": {"dtype": "float32"}}), torch.device("cpu"))
         tokenizer = load_tokenizer(args[0])
-        records = read_jsonl(args[1])
     except (RMTError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if forms:
