@@ -21,6 +21,13 @@ def test_overrides_are_parsed_as_yaml():
     assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
 
 
+def test_budget_numbers_or_auto():
+    assert load_config("rmt", ["budget.b_min=auto"]).budget.b_min == "auto"
+    both = load_config("rmt", ["budget.b0=auto", "budget.b_min=auto"]).budget
+    assert (both.b0, both.b_min) == ("auto", "auto")
+    assert load_config("rmt", ["budget.b0=auto", "budget.b_min=50"]).budget.b_min == 50  # checked against B_0 once measured
+
+
 @pytest.mark.parametrize(
     "override, field",
     [
@@ -28,6 +35,8 @@ def test_overrides_are_parsed_as_yaml():
         ("budget.gamma=0", "budget.gamma"),
         ("budget.b_min=0", "budget.b_min"),
         ("budget.b_min=900", "budget.b_min"),
+        ("budget.b_min=half", "budget.b_min"),
+        ("budget.b_min=-2", "budget.b_min"),
         ("curriculum.t1=0.8", "curriculum.t1"),
         ("curriculum.p_late=[0.5, 0.6, -0.1]", "curriculum.p_late"),
         ("curriculum.p_early=[0.5, 0.5, 0.5]", "curriculum.p_early"),

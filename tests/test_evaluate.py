@@ -264,6 +264,9 @@ def test_reasoning_with_samples_passes_temperature_and_seed(tiny_model_dir):
     assert ev.eval_budget(load_config(None, [])) == 160
     assert ev.eval_budget(load_config(None, ["budget.dynamic=false"])) == 800
     assert ev.eval_budget(load_config(None, ["eval.budget=7", "budget.enabled=false"])) == 7
+    # a measured budget (auto) is known per run only: none is stated unless eval.budget says one
+    assert ev.eval_budget(load_config(None, ["budget.b_min=auto"])) is None
+    assert ev.eval_budget(load_config(None, ["budget.b_min=auto", "eval.budget=9"])) == 9
 
 
 def test_table_has_one_row_per_model_and_relative_change():

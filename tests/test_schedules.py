@@ -169,3 +169,24 @@ def test_auto_b0_is_a_quantile_of_the_lengths_that_think():
     assert auto_b0([10, 20], 1.0, 1) == 20
     assert auto_b0([0, 0], 0.9, 3) == 3  # nothing thinks: B_min
     assert auto_b0([2], 0.5, 5) == 5  # never below B_min
+
+
+def test_auto_b_min_is_half_the_measured_length_rounded_up():
+    from rmt.schedules import auto_b_min
+
+    assert auto_b_min([0, 0, 10, 20, 30, 40, 50], 0.5) == 15  # the median of the lengths that think, 30, halved
+    assert auto_b_min([10, 20], 0.9) == 10  # 19 halved, rounded up: the cap 2 * 10 covers 19
+    assert auto_b_min([22], 0.9) == 11
+    assert auto_b_min([1], 0.9) == 1
+    assert auto_b_min([0, 0], 0.9) == 1  # nothing thinks: the paper's floor
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 500), max_size=40), st.floats(0.05, 1.0))
+def test_auto_floor_keeps_the_cap_at_the_measured_length(lengths, quantile):
+    """The thinking cap 2 * B_min reaches the measured B_0 (the same quantile) and the floor never exceeds B_0."""
+    from rmt.schedules import auto_b0, auto_b_min
+
+    b_min = auto_b_min(lengths, quantile)
+    b0 = auto_b0(lengths, quantile, b_min)
+    assert 1 <= b_min <= b0 <= 2 * b_min

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LR_WARMUP2_T6, LR_WARMUP2_T6_ARGS, text_corpus
+from conftest import LR_WARMUP2_T6, LR_WARMUP2_T6_ARGS, crash_on_third_step, text_corpus
 from safetensors.torch import load_file
 
 import rmt.trainer as trainer
@@ -64,16 +64,10 @@ def test_flops_are_counted_per_step_and_add_up(corpus, tmp_path):
 
 
 def test_auto_b0_is_measured_once_and_kept_on_resume(corpus, tmp_path, monkeypatch):
-    real_measure, real_step = collect.measure_think_lengths, trainer.train_step
+    real_measure = collect.measure_think_lengths
     calls = []
     monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: calls.append(1) or [0, 4, 6, 8, 0])
-
-    def crash_on_third_step(*args, **kwargs):
-        if args[1] == 2:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", crash_on_third_step)
+    real_step = crash_on_third_step(monkeypatch)
     cfg = run_cfg(corpus, tmp_path, "rmt", "budget.b0=auto", "budget.auto_quantile=0.5")
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train(cfg)
@@ -94,11 +88,38 @@ def test_auto_b0_is_measured_once_and_kept_on_resume(corpus, tmp_path, monkeypat
     assert all(isinstance(n, int) and 0 <= n <= cfg.rollout.max_response_tokens for n in lengths)
 
 
+@pytest.mark.parametrize(
+    "b0, lengths, expected",
+    [
+        ("auto", [0, 4, 6, 8, 0], (6, 3)),  # the median 6; the floor half of it
+        ("8", [0, 4, 6, 8, 0], (8, 3)),  # a fixed B_0 with a measured floor
+        ("8", [50], (8, 8)),  # a measured floor above a fixed B_0 is lowered to B_0
+    ],
+)
+def test_auto_b_min_is_measured_with_b0_and_kept_on_resume(corpus, tmp_path, monkeypatch, b0, lengths, expected):
+    calls = []
+    monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: calls.append(1) or lengths)
+    real_step = crash_on_third_step(monkeypatch)
+    cfg = run_cfg(corpus, tmp_path, "rmt", f"budget.b0={b0}", "budget.b_min=auto", "budget.auto_quantile=0.5", "budget.gamma=0.1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train(cfg)
+    run = Path(cfg.output.dir)
+    record = json.loads((run / "budget_b0.json").read_text())
+    assert (record["b0"], record["b_min"]) == expected and calls == [1]
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    trainer.train(cfg)  # resumes with the budget it measured, without measuring again
+    rows = read_metrics(run)
+    assert calls == [1] and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["budget"] for r in rows] == [schedules.token_budget(t, 4, *expected, 0.1) for t in range(4)]
+    assert rows[-1]["budget"] == expected[1]  # gamma 0.1: the last budget is the floor
+
+
 @pytest.mark.parametrize("preset", ["ntp", "rpt"])
-def test_auto_b0_is_not_measured_where_nothing_reads_it(corpus, tmp_path, monkeypatch, preset):
-    """One config layer (b0 auto) over every method: NTP has no RL and RPT no budget, so nothing is measured."""
+@pytest.mark.parametrize("auto", [["budget.b0=auto"], ["budget.b_min=auto"], ["budget.b0=auto", "budget.b_min=auto"]])
+def test_auto_b0_is_not_measured_where_nothing_reads_it(corpus, tmp_path, monkeypatch, preset, auto):
+    """One config layer (auto budget) over every method: NTP has no RL and RPT no budget, so nothing is measured."""
     monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: pytest.fail("measured"))
-    cfg = run_cfg(corpus, tmp_path, preset, "budget.b0=auto", "train.total_steps=1")
+    cfg = run_cfg(corpus, tmp_path, preset, *auto, "train.total_steps=1")
     trainer.train(cfg)
     assert not (Path(cfg.output.dir) / "budget_b0.json").exists() and len(read_metrics(Path(cfg.output.dir))) == 1
 

@@ -377,7 +377,7 @@ def _fill_informative(cfg: RMTConfig, batch, scored: Scored, selection, probs, g
 def measure_think_lengths(cfg: RMTConfig, engine: RolloutEngine, tokenizer, data, *, max_context: int = 1 << 30) -> list[int]:
     """Thinking lengths of the model at ``budget.auto_positions`` RL positions of the scored training split
     (``data``: input_ids and tier columns), one sampled response each at rollout.temperature with no budget: what
-    budget.b0=auto is measured on. Positions: one per sequence of a seeded sample of sequences, uniform over the
+    budget.b0=auto and budget.b_min=auto are measured on. Positions: one per sequence of a seeded sample of sequences, uniform over the
     tiers; only well-formed responses count."""
     n = min(cfg.budget.auto_positions, len(data))
     rng = np.random.default_rng([cfg.train.seed, 7])

@@ -182,9 +182,14 @@ class BudgetConfig(Section):
         "budget.auto_quantile quantile of its thinking lengths (responses that think at all) at budget.auto_positions RL positions "
         "of the training split, so that the budget starts near the model's natural length and binds as it decays.",
     )
-    auto_quantile: float = Field(0.9, gt=0.0, le=1.0, description="With b0=auto: the quantile of the measured thinking lengths taken as B_0.")
-    auto_positions: int = Field(64, ge=1, description="With b0=auto: RL positions (uniform over the tiers, seeded by train.seed) sampled once each.")
-    b_min: int = Field(1, ge=1, description="Floor of the budget B_min (paper: 1).")
+    auto_quantile: float = Field(0.9, gt=0.0, le=1.0, description="With b0=auto or b_min=auto: the quantile of the measured thinking lengths taken as B_0 (half of it as B_min).")
+    auto_positions: int = Field(64, ge=1, description="With b0=auto or b_min=auto: RL positions (uniform over the tiers, seeded by train.seed) sampled once each.")
+    b_min: int | Literal["auto"] = Field(
+        1,
+        description="Floor of the budget B_min (paper: 1), >= 1; or auto = measured with B_0 (the same lengths and "
+        "budget.auto_quantile): half that quantile, rounded up, so the thinking cap 2*B_t never falls below the length the model "
+        "measured thinks. Not the paper's: a floor for small models that have no shorter way to reason.",
+    )
     gamma: float = Field(0.2, gt=0.0, lt=1.0, description="Decay rate gamma in (0, 1): B_T = gamma * B_0 (paper: 0.2).")
     answer_allowance: int = Field(16, ge=1, description="Tokens allowed after the thinking cap for the closing tag and the answer.")
 
@@ -192,7 +197,9 @@ class BudgetConfig(Section):
     def _bmin(self) -> "BudgetConfig":
         if self.b0 != "auto" and self.b0 < 1:
             raise ValueError(f"budget.b0 must be >= 1 or auto, got {self.b0}")
-        if self.b0 != "auto" and self.b_min > self.b0:
+        if self.b_min != "auto" and self.b_min < 1:
+            raise ValueError(f"budget.b_min must be >= 1 or auto, got {self.b_min}")
+        if "auto" not in (self.b0, self.b_min) and self.b_min > self.b0:
             raise ValueError(f"budget.b_min must be between 1 and budget.b0={self.b0}, got {self.b_min}")
         return self
 

@@ -279,7 +279,7 @@ def eval_budget(cfg: RMTConfig) -> int | None:
 
     if cfg.eval.budget is not None:
         return cfg.eval.budget
-    if not cfg.budget.enabled or cfg.budget.b0 == "auto":  # auto: measured per run; state one with eval.budget
+    if not cfg.budget.enabled or "auto" in (cfg.budget.b0, cfg.budget.b_min):  # auto: measured per run; state one with eval.budget
         return None
     return budget_at(1, 1, cfg.budget)  # t = T: B_T = max(B_min, floor(B_0 * gamma)), or B_0 when not dynamic
 

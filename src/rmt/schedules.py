@@ -55,8 +55,9 @@ def budget_at(step: int, total_steps: int, cfg: BudgetConfig) -> int:
 
     Returned also when budget.enabled is off; the caller then leaves it out of the prompt and the reward.
     """
-    if cfg.b0 == "auto":
-        raise ValueError("budget.b0=auto must be resolved to a number first (rmt train measures it on the model)")
+    for name in ("b0", "b_min"):
+        if getattr(cfg, name) == "auto":
+            raise ValueError(f"budget.{name}=auto must be resolved to a number first (rmt train measures it on the model)")
     if not cfg.dynamic:
         return cfg.b0
     return token_budget(step, total_steps, cfg.b0, cfg.b_min, cfg.gamma)
@@ -66,12 +67,26 @@ def auto_b0(think_lengths: Sequence[int], quantile: float, b_min: int) -> int:
     """B_0 from measured thinking lengths (budget.b0=auto): the ``quantile`` quantile (numpy's linear
     interpolation, rounded up) of the lengths of responses that think at all, at least ``b_min``; ``b_min`` when
     none does."""
+    length = _thinking_quantile(think_lengths, quantile)
+    return b_min if length is None else max(b_min, length)
+
+
+def auto_b_min(think_lengths: Sequence[int], quantile: float) -> int:
+    """B_min from measured thinking lengths (budget.b_min=auto): half the ``quantile`` quantile of the lengths of
+    responses that think at all (the length auto_b0 takes), rounded up, so that the thinking cap 2*B_min is at least
+    that length; 1 when none thinks."""
+    length = _thinking_quantile(think_lengths, quantile)
+    return 1 if length is None else max(1, math.ceil(length / 2))
+
+
+def _thinking_quantile(think_lengths: Sequence[int], quantile: float) -> int | None:
+    """The ``quantile`` quantile (numpy's linear interpolation, rounded up) of the positive lengths; None if none."""
     import numpy as np
 
     thinking = [n for n in think_lengths if n > 0]
     if not thinking:
-        return b_min
-    return max(b_min, math.ceil(float(np.quantile(np.asarray(thinking, dtype=np.float64), quantile)) - 1e-9))
+        return None
+    return math.ceil(float(np.quantile(np.asarray(thinking, dtype=np.float64), quantile)) - 1e-9)
 
 
 def response_cap(budget: int | None, answer_allowance: int, max_response_tokens: int) -> int:

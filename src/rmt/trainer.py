@@ -250,11 +250,13 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
     if cfg.train.tracker != "none":
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.model_dump(mode="json")))
     engine = collect.make_engine(cfg, model, tokenizer) if cfg.train.rl else None
-    if cfg.budget.b0 == "auto" and not (cfg.train.rl and cfg.budget.enabled):
-        # nothing reads B_0 without RL or without a budget (ntp, rpt, rlp): the floor stands in, unmeasured
-        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"b0": cfg.budget.b_min})})
-    elif cfg.budget.b0 == "auto":
-        cfg = resolve_auto_b0(cfg, run_dir, data, engine, tokenizer, model, accelerator)
+    if "auto" in (cfg.budget.b0, cfg.budget.b_min) and not (cfg.train.rl and cfg.budget.enabled):
+        # nothing reads the budget without RL or without a budget (ntp, rpt, rlp): numbers stand in, unmeasured
+        b_min = 1 if cfg.budget.b_min == "auto" else cfg.budget.b_min
+        b0 = b_min if cfg.budget.b0 == "auto" else cfg.budget.b0
+        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"b0": b0, "b_min": b_min})})
+    elif "auto" in (cfg.budget.b0, cfg.budget.b_min):
+        cfg = resolve_auto_budget(cfg, run_dir, data, engine, tokenizer, model, accelerator)
     # Before the first RL step: can the model reason in the configured template? (stops the run when it cannot)
     if start_step == 0:
         checked = preflight.check_train(cfg, run_dir, data, engine, tokenizer, model, schedules.budget_at(0, T, cfg.budget), accelerator)
@@ -491,25 +493,35 @@ def advantage_tensor(responses: list[tuple[list[int], float | list[float]]], dev
 AUTO_B0_FILE = "budget_b0.json"
 
 
-def resolve_auto_b0(cfg: RMTConfig, run_dir: Path, data, engine, tokenizer, model, accelerator) -> RMTConfig:
-    """budget.b0=auto: measure B_0 on the model before the first step (``collect.measure_think_lengths``,
-    ``schedules.auto_b0``), write it to ``budget_b0.json`` in the run folder, and return the config with it. A
-    resumed run reads the file, so it keeps the B_0 it started with."""
+def resolve_auto_budget(cfg: RMTConfig, run_dir: Path, data, engine, tokenizer, model, accelerator) -> RMTConfig:
+    """budget.b0=auto and/or budget.b_min=auto: measure the model's thinking lengths before the first step
+    (``collect.measure_think_lengths``), take B_min (``schedules.auto_b_min``) and B_0 (``schedules.auto_b0``) from
+    them, write both to ``budget_b0.json`` in the run folder, and return the config with them. A resumed run reads the
+    file, so it keeps the budget it started with. A measured floor above a fixed B_0 is lowered to B_0."""
     from rmt.fileio import atomic_write_text
 
     path = run_dir / AUTO_B0_FILE
+    budget = cfg.budget
     if accelerator.is_main_process and not path.is_file():
         if engine is None:
-            raise CheckpointError("budget.b0=auto needs the RL term (train.rl=true) to measure thinking lengths")
+            raise CheckpointError("budget.b0=auto and budget.b_min=auto need the RL term (train.rl=true) to measure thinking lengths")
         lengths = collect.measure_think_lengths(cfg, engine, tokenizer, data, max_context=collect.context_length(model))
-        b0 = schedules.auto_b0(lengths, cfg.budget.auto_quantile, cfg.budget.b_min)
-        record = {"b0": b0, "quantile": cfg.budget.auto_quantile, "measured": len(lengths),
+        b_min = schedules.auto_b_min(lengths, budget.auto_quantile) if budget.b_min == "auto" else budget.b_min
+        if budget.b0 != "auto" and b_min > budget.b0:
+            log.warning("budget.b_min=auto measured %d, above budget.b0=%d; the floor is B_0", b_min, budget.b0)
+            b_min = budget.b0
+        b0 = schedules.auto_b0(lengths, budget.auto_quantile, b_min) if budget.b0 == "auto" else budget.b0
+        record = {"b0": b0, "b_min": b_min, "quantile": budget.auto_quantile, "measured": len(lengths),
                   "thinking": sum(n > 0 for n in lengths), "mean": float(np.mean(lengths)) if lengths else None}
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-        log.info("budget.b0=auto: B_0 = %d (%s)", b0, record)
+        log.info("budget measured on the model: B_0 = %d, B_min = %d (%s)", b0, b_min, record)
     accelerator.wait_for_everyone()
-    b0 = json.loads(path.read_text())["b0"]
-    return cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"b0": b0})})
+    record = json.loads(path.read_text())
+    # a file written before b_min could be measured holds only b0; its run's floor was a number
+    resolved = {"b0": record["b0"], "b_min": record.get("b_min", budget.b_min)}
+    if resolved["b_min"] == "auto":
+        raise CheckpointError(f"{path} holds no measured b_min; it was written by a run with a fixed budget.b_min")
+    return cfg.model_copy(update={"budget": budget.model_copy(update=resolved)})
 
 
 def count_flops(cfg, model, batch, rl, use_ntp: bool, with_ref: bool) -> float:
