@@ -337,6 +337,12 @@ def posttrain_data(args) -> dict[str, Path]:
     return files
 
 
+def questions_per_task(path: Path) -> int:
+    """Training questions per task in the post-training mix (it alternates the two tasks)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r["task"] == "regular" for r in rows)
+
+
 def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
     """Post-train each start checkpoint; greedy accuracy (per question) on both held-out sets before and after,
     and the run's own curve on the transfer set (cached)."""
@@ -680,6 +686,7 @@ def main(argv=None) -> dict:
         save()
     if not args.skip_posttrain:
         files = posttrain_data(args)
+        results["settings"]["qa_train"] = questions_per_task(files["train"])  # fewer than asked when long problems take a share
         for seed in args.posttrain_seeds:
             results["posttrain"][seed] = posttrain_stage(args, seed, files)
             save()
