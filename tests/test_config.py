@@ -25,7 +25,7 @@ def test_budget_numbers_or_auto():
     assert load_config("rmt", ["budget.b_min=auto"]).budget.b_min == "auto"
     both = load_config("rmt", ["budget.b0=auto", "budget.b_min=auto"]).budget
     assert (both.b0, both.b_min) == ("auto", "auto")
-    assert load_config("rmt", ["budget.b0=auto", "budget.b_min=50"]).budget.b_min == 50  # checked against B_0 once measured
+    assert load_config("rmt", ["budget.b0=auto", "budget.b_min=50"]).budget.b_min == 50  # a measured B_0 is raised to the floor (schedules.auto_b0)
 
 
 @pytest.mark.parametrize(
