@@ -114,6 +114,19 @@ def test_auto_b_min_is_measured_with_b0_and_kept_on_resume(corpus, tmp_path, mon
     assert rows[-1]["budget"] == expected[1]  # gamma 0.1: the last budget is the floor
 
 
+def test_a_corrupt_budget_record_is_named(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(collect, "measure_think_lengths", lambda *a, **k: [4, 6, 8])
+    crash_on_third_step(monkeypatch)
+    cfg = run_cfg(corpus, tmp_path, "rmt", "budget.b0=auto", "budget.b_min=auto")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train(cfg)
+    record = Path(cfg.output.dir) / "budget_b0.json"
+    record.write_text('{"b0": ')  # cut short
+    with pytest.raises(CheckpointError, match="budget_b0.json is not a measured budget"):
+        trainer.train(cfg)
+    assert record.read_text() == '{"b0": '  # left for the user to look at
+
+
 @pytest.mark.parametrize("preset", ["ntp", "rpt"])
 @pytest.mark.parametrize("auto", [["budget.b0=auto"], ["budget.b_min=auto"], ["budget.b0=auto", "budget.b_min=auto"]])
 def test_auto_b0_is_not_measured_where_nothing_reads_it(corpus, tmp_path, monkeypatch, preset, auto):

@@ -517,9 +517,12 @@ def resolve_auto_budget(cfg: RMTConfig, run_dir: Path, data, engine, tokenizer, 
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         log.info("budget measured on the model: B_0 = %d, B_min = %d (%s)", b0, b_min, record)
     accelerator.wait_for_everyone()
-    record = json.loads(path.read_text())
-    # a file written before b_min could be measured holds only b0; its run's floor was a number
-    resolved = {"b0": record["b0"], "b_min": record.get("b_min", budget.b_min)}
+    try:
+        record = json.loads(path.read_text())
+        # a file written before b_min could be measured holds only b0; its run's floor was a number
+        resolved = {"b0": int(record["b0"]), "b_min": record.get("b_min", budget.b_min)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a measured budget ({type(e).__name__}: {e}); delete it to measure again") from None
     if resolved["b_min"] == "auto":
         raise CheckpointError(f"{path} holds no measured b_min; it was written by a run with a fixed budget.b_min")
     return cfg.model_copy(update={"budget": budget.model_copy(update=resolved)})
