@@ -167,8 +167,7 @@ def train_summary(folder: Path) -> dict:
         "steps": len(rows), "train_s": float(sum(r["time_step_s"] for r in rows)), "step_s_mean": mean("time_step_s"),
         "flops_total": last.get("flops_total"), "rl_positions_per_step": mean("rl_positions"),
         "response_len_mean": mean("response_len_mean"), "think_len_mean": mean("think_len_mean"),
-        "rollout_accuracy": mean("rollout_accuracy"), "ntp_loss_last": last.get("ntp_loss") if last.get("ntp_tokens") else None,  # None: no NTP term (RPT, -ntp)
-        "budget_first": rows[0].get("budget") if rows else None,
+        "rollout_accuracy": mean("rollout_accuracy"), "ntp_loss_last": last.get("ntp_loss"), "budget_first": rows[0].get("budget") if rows else None,
         "budget_last": last.get("budget"), "think_len_last": last.get("think_len_mean"),
         "rollout_accuracy_last": last.get("rollout_accuracy"), "b0_auto": json.loads(b0.read_text()) if b0.is_file() else None,
         # Where the budget stops binding and starts cutting: rollout accuracy on computed positions and the share of

@@ -86,14 +86,3 @@ def test_a_named_sections_figure_gets_its_own_name(tmp_path):
     assert (tmp_path / "posttrain_curves.png").read_bytes() == b"main"
     assert (tmp_path / "posttrain_curves-ablations.png").read_bytes() == b"other"
 
-
-def test_a_run_without_the_ntp_term_has_no_ntp_loss(tmp_path):
-    """RPT and rmt-no-ntp log ntp_loss 0 (no NTP tokens): the training table shows '–', not a loss of 0."""
-    import json
-
-    for name, tokens in (("rpt", 0), ("rmt", 900)):
-        (tmp_path / name).mkdir()
-        row = {"step": 1, "time_step_s": 1.0, "ntp_loss": 1.25 if tokens else 0.0, "ntp_tokens": tokens}
-        (tmp_path / name / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-    assert paper_tables.train_summary(tmp_path / "rpt")["ntp_loss_last"] is None
-    assert paper_tables.train_summary(tmp_path / "rmt")["ntp_loss_last"] == 1.25

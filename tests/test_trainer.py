@@ -50,6 +50,8 @@ def test_every_preset_runs_a_few_steps(corpus, tmp_path, preset):
     if cfg.train.rl:
         assert {"reward", "rollout_accuracy", "think_len_mean", "malformed_frac", "p_hard"} <= set(rows[-1])
         assert ("budget" in rows[-1]) == cfg.budget.enabled, "a budget only where the method has one (not rpt)"
+        uses_ntp = cfg.ntp.weight > 0
+        assert all(("ntp_loss" in r) == uses_ntp for r in rows), "an NTP loss only where the method has the term (not rpt)"
     else:
         assert "reward" not in rows[-1] and "budget" not in rows[-1] and "p_hard" not in rows[-1] and rows[-1]["ntp_loss"] > 0
 

@@ -303,8 +303,7 @@ def _train(cfg: RMTConfig, model, tokenizer, held: contextlib.ExitStack) -> Path
             if step % cfg.train.sample_every == 0:
                 metrics_log.samples(step, samples)
             bar.update(1)
-            shown = ("loss", "reward", "budget", *(("ntp_loss",) if metrics.get("ntp_tokens") else ()))  # none without an NTP term
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "budget", "ntp_loss") if k in metrics})
             if step % cfg.train.save_every == 0 or step == T or stop.requested:
                 _save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, accelerator, {"flops_total": flops_total},
                       tensors={EMA_FILE: ema.tensors()} if ema is not None else None)

@@ -138,7 +138,6 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
         "finite": finite,
         "time_train_s": time.perf_counter() - t0,
         "loss": totals.get("loss", float("nan")),
-        "ntp_loss": totals.get("ntp", 0.0),
         "rl_loss": totals.get("rl", 0.0),
         "policy_loss": totals.get("policy", 0.0),
         "kl": totals.get("kl", 0.0),
@@ -146,6 +145,8 @@ def policy_update(cfg, micro: list[MicroBatch], norm: losses.Normalizers, model,
         "ntp_tokens": totals.get("ntp_tokens", 0),
         "rl_tokens": totals.get("rl_tokens", 0),
     }
+    if totals.get("ntp_tokens"):  # a method without the NTP term (RPT, rmt-no-ntp) has no NTP loss, not a loss of 0
+        metrics["ntp_loss"] = totals["ntp"]
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     if has_rollout_lp or world > 1:  # every process joins the gather, also one without responses this step
