@@ -42,6 +42,8 @@ def test_budget_numbers_or_auto():
         ("curriculum.p_early=[0.5, 0.5, 0.5]", "curriculum.p_early"),
         ("rollout.group_size=1", "rollout.group_size"),
         ("ntp.weight=-0.1", "ntp.weight"),
+        ("embedded.recheck=1.5", "embedded.recheck"),
+        ("embedded.recheck_passes=0", "embedded.recheck_passes"),
         ("budget.gamam=0.3", "budget.gamam"),
         ("trian.lr=1", "trian"),
     ],

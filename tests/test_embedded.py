@@ -79,6 +79,57 @@ def test_render_think_inside_the_value_restates_it_and_compact_steps():
             render_think(p, inside_at=bad)
 
 
+def test_render_think_rechecked_writes_the_steps_again():
+    p = parse_problem(_entry("1 - 5 - 9", "-13"))
+    assert render_think(p, passes=2) == "1-5-9=<think>1-5=-4;-4-9=-13|1-5=-4;-4-9=-13</think>-13"
+    assert render_think(p, 2, inside_at=8, passes=3) == (
+        "1-<think></think>5-9=-1<think>1-5=-4;-4-9=-13|1-5=-4;-4-9=-13|1-5=-4;-4-9=-13</think>-13"
+    )
+    assert render_think(p, compact=True, passes=2) == "1-5-9=<think>-4;-13|-4;-13</think>-13"
+    assert render_think(p, passes=1) == render_think(p)
+
+
+def test_rechecked_scratchpads_change_nothing_else(tmp_path):
+    """embedded.recheck rewrites only the scratchpads it picks, at its rate, with 1 + recheck_passes copies of the
+    steps; the lines with their extra passes removed are the corpus without it, and the other splits are unchanged."""
+    plain = build_corpus(EmbeddedConfig(seed=0, **{**SMALL, "base_problems": 1_500}))
+    cfg = EmbeddedConfig(seed=0, recheck=0.6, recheck_passes=2, **{**SMALL, "base_problems": 1_500})
+    rechecked = build_corpus(cfg)
+    for split in ("midtrain", "eval", "posttrain"):
+        assert rechecked[split] == plain[split]
+    lines = picked = 0
+    for a, b in zip(plain["base"], rechecked["base"], strict=True):
+        assert a["think"] == b["think"]
+        for line_a, line_b in zip(a["text"].split("\n"), b["text"].split("\n"), strict=True):
+            lines += a["think"]  # every line of a thinking document has its scratchpad
+            if "|" not in line_b:
+                assert line_b == line_a
+                continue
+            picked += 1
+            bar = line_b.index("|")
+            pad = line_b[line_b.rindex("<think>", 0, bar) + len("<think>") : line_b.index("</think>", bar)]
+            first, *again = pad.split("|")
+            assert again == [first, first], line_b
+            assert line_b.replace(pad, first) == line_a
+    assert abs(picked / lines - cfg.recheck) < 0.06, (picked, lines)
+
+
+def test_recheck_unset_keeps_the_corpus_key_and_the_shipped_base_model():
+    """The default config finds the base model shipped in the package; recheck, added after it was trained, leaves
+    the key alone unless it is set."""
+    from rmt.embedded import cache
+
+    default = load_config(None, [])
+    assert (cache.shipped_model_dir(default) / "model.safetensors").is_file()
+    same = load_config(None, ["embedded.recheck_passes=5"])
+    assert cache.corpus_key(same.embedded) == cache.corpus_key(default.embedded)
+    assert cache.model_key(same) == cache.model_key(default)
+    other = load_config(None, ["embedded.recheck=0.5"])
+    assert cache.corpus_key(other.embedded) != cache.corpus_key(default.embedded)
+    more = load_config(None, ["embedded.recheck=0.5", "embedded.recheck_passes=3"])
+    assert cache.corpus_key(more.embedded) != cache.corpus_key(other.embedded)
+
+
 def test_parse_rejects_wrong_answer():
     with pytest.raises(DataError):
         parse_problem(_entry("5 - 1", "3"))

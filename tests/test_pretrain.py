@@ -246,6 +246,8 @@ def test_steps_form_by_hand():
     assert steps_form("8;11;15") == "compact"
     assert steps_form("-4;-13") == "compact"
     assert steps_form("") == steps_form(" ") == "empty"
+    assert steps_form("2+6=8;8+3=11|2+6=8;8+3=11") == "rechecked"
+    assert steps_form("2+6=8;8+3=1|2+") == "rechecked"  # cut inside the second pass
 
 
 def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
@@ -280,8 +282,11 @@ def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
     probe_main([str(out), str(docs), "24"])
     f32 = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(position_probe(f32, tok, corpus["midtrain"], n=24)))
-    with pytest.raises(SystemExit, match="usage"):
-        probe_main([str(out)])
+    probe_main([str(out), str(docs), "24", "--think-tokens=8"])  # the cap is the CLI's
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(position_probe(f32, tok, corpus["midtrain"], n=24, think_tokens=8)))
+    for bad in ([str(out)], [str(out), str(docs), "--think-tokens=many"]):
+        with pytest.raises(SystemExit, match="usage"):
+            probe_main(bad)
     from rmt.embedded.probe import thinking_forms
 
     forms = thinking_forms(model, tok, corpus["midtrain"], n=6, samples=3, think_tokens=8, seed=1)

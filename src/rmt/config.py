@@ -538,6 +538,15 @@ class EmbeddedConfig(Section):
         "in full (2+6=8;8+3=11;11+4=15): a shorter way to reason, which a binding token budget can select. All three of "
         "empty_think, inside_think and compact_steps at 0 = corpus format 1.",
     )
+    recheck: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="In a thinking base document, chance that a line's scratchpad checks its steps by writing them again "
+        "recheck_passes more times, passes apart by '|' (2+6=8;8+3=11|2+6=8;8+3=11|2+6=8;8+3=11): a habit of over-thinking "
+        "whose short form (one pass) is right as often, which a binding token budget can select. 0 = never.",
+    )
+    recheck_passes: int = Field(2, ge=1, le=8, description="With recheck: how many times a rechecked scratchpad writes its steps again.")
     long_terms: int = Field(
         0, ge=0, le=12, description="Terms of the long problems: a harder kind, rare in the base split and common in the held-out splits "
         "(mid-training, eval, post-training), so that the base model reasons about it only weakly and mid-training can add the skill "

@@ -50,9 +50,10 @@ def cache_root(ecfg: EmbeddedConfig) -> Path:
 
 
 def corpus_key(ecfg: EmbeddedConfig) -> str:
-    return _key(
-        {"format": CORPUS_FORMAT, "reasoning_gym": reasoning_gym_version(), "embedded": ecfg.model_dump(mode="json", exclude={"cache_dir"})}
-    )
+    fields = ecfg.model_dump(mode="json", exclude={"cache_dir"})
+    if not ecfg.recheck:  # added after format 3 shipped: unset, it leaves the key (and the shipped model's) as it was
+        fields.pop("recheck"), fields.pop("recheck_passes")
+    return _key({"format": CORPUS_FORMAT, "reasoning_gym": reasoning_gym_version(), "embedded": fields})
 
 
 def tokenizer_key(cfg: RMTConfig) -> str:

@@ -34,6 +34,7 @@ from rmt.errors import DataError
 
 log = logging.getLogger(__name__)
 
+RECHECK_SEP = "|"  # between the passes of a rechecked scratchpad
 CORPUS_FORMAT = 3  # bump when the written files change for the same config (2: empty think blocks; 3: inside-value scratchpads, compact steps)
 SPLITS = ("base", "midtrain", "eval", "posttrain")
 # Share of the problem space each split may draw from (hash buckets). The held-out splits need distinct problems, so
@@ -94,17 +95,20 @@ def render_plain(p: Problem) -> tuple[str, tuple[int, int]]:
     return line, (len(line) - len(p.answer), len(line))
 
 
-def render_think(p: Problem, empty_at: int | None = None, inside_at: int | None = None, compact: bool = False) -> str:
+def render_think(
+    p: Problem, empty_at: int | None = None, inside_at: int | None = None, compact: bool = False, passes: int = 1
+) -> str:
     """``5-1+4=<think>5-1=4;4+4=8</think>8``: the scratchpad in the same form as RMT's rollouts.
 
     ``inside_at``: the scratchpad comes after character ``inside_at`` of the plain line, strictly inside the answer
     (part of the value already written), and the whole value is restated after it:
     ``1-5-9=-1<think>1-5=-4;-4-9=-13</think>-13``. ``compact``: the steps as running results only (``-4;-13``).
+    ``passes``: the steps written that many times, apart by ``|`` (a rechecked scratchpad, ``embedded.recheck``).
     ``empty_at``: also an empty ``<think></think>`` before character ``empty_at`` of the plain line (``len(line)`` =
     at its end, before the newline); never at or inside the answer, where the scratchpad is.
     """
     line, (a, b) = render_plain(p)
-    pad = f"{THINK_OPEN}{';'.join(p.steps(compact))}{THINK_CLOSE}"
+    pad = f"{THINK_OPEN}{RECHECK_SEP.join([';'.join(p.steps(compact))] * passes)}{THINK_CLOSE}"
     if inside_at is None:
         pieces = [line[:a], pad, line[a:]]
     else:
@@ -272,11 +276,15 @@ def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
     In a thinking document each line has its scratchpad; with probability ``embedded.inside_think`` (lines whose
     answer has two or more characters) it comes after part of the answer and the whole value is restated; with
     probability ``embedded.compact_steps`` its steps are running results only; with probability
+    ``embedded.recheck`` its steps are written 1 + ``embedded.recheck_passes`` times; with probability
     ``embedded.empty_think`` the line also holds an empty block outside its answer. Each choice has its own seeded
-    stream, so setting the three to 0 writes the format-1 corpus byte for byte.
+    stream, so setting the four to 0 writes the format-1 corpus byte for byte (and recheck at 0 leaves every other
+    draw where it was).
     """
     rng = _seeded_rng("think", ecfg.seed)
-    empty_rng, inside_rng, compact_rng = (_seeded_rng(name, ecfg.seed) for name in ("empty-think", "inside-think", "compact-steps"))
+    empty_rng, inside_rng, compact_rng, recheck_rng = (
+        _seeded_rng(name, ecfg.seed) for name in ("empty-think", "inside-think", "compact-steps", "recheck")
+    )
     docs = []
     for group in _chunks(problems, ecfg.problems_per_doc):
         think = rng.random() < ecfg.think_fraction
@@ -288,7 +296,8 @@ def base_documents(problems: list[Problem], ecfg: EmbeddedConfig) -> list[dict]:
                 inside = inside_rng.random() < ecfg.inside_think
                 inside_at = inside_position(inside_rng, p) if inside else None
                 compact = compact_rng.random() < ecfg.compact_steps
-                lines.append(render_think(p, empty_at, inside_at, compact))
+                passes = 1 + ecfg.recheck_passes if recheck_rng.random() < ecfg.recheck else 1
+                lines.append(render_think(p, empty_at, inside_at, compact, passes))
         else:
             lines = [render_plain(p)[0] for p in group]
         docs.append({"text": "\n".join(lines), "think": think})

@@ -26,6 +26,7 @@ import random
 import torch
 
 from rmt.config import RMTConfig
+from rmt.embedded.corpus import RECHECK_SEP
 from rmt.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -249,9 +250,11 @@ def position_probe(
 
 def steps_form(thought: str) -> str:
     """Which way a chain_sum scratchpad reasons: ``worked`` (``2+6=8;8+3=11``), ``compact`` (running results only,
-    ``8;11``) or ``empty`` (nothing)."""
+    ``8;11``), ``rechecked`` (steps written again after ``|``, ``embedded.recheck``) or ``empty`` (nothing)."""
     if not thought.strip():
         return "empty"
+    if RECHECK_SEP in thought:
+        return "rechecked"
     return "worked" if "=" in thought else "compact"
 
 
@@ -436,8 +439,9 @@ def probe_base_model(cfg: RMTConfig, arts) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms]``: the position probe of any model on a
-    corpus, as JSON; with ``--forms``, ``thinking_forms`` at N computed positions instead (8 samples each at T=1)."""
+    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms] [--think-tokens=K]``: the position probe
+    of any model on a corpus, as JSON; with ``--forms``, ``thinking_forms`` at N computed positions instead (8 samples
+    each at T=1). ``--think-tokens``: the thinking cap (default 64)."""
     import json
     import sys
 
@@ -449,10 +453,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     forms = "--forms" in args
-    args = [a for a in args if a != "--forms"]
-    usage = "usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms]"
-    if len(args) not in (2, 3) or len(args) == 3 and not args[2].isdigit():
+    caps = [a.split("=", 1)[1] for a in args if a.startswith("--think-tokens=")]
+    args = [a for a in args if a != "--forms" and not a.startswith("--think-tokens=")]
+    usage = "usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms] [--think-tokens=K]"
+    if len(args) not in (2, 3) or len(args) == 3 and not args[2].isdigit() or len(caps) > 1 or caps and not caps[0].isdigit():
         raise SystemExit(usage)
+    think_tokens = int(caps[0]) if caps else 64
     try:
         if not Path(args[1]).is_file():
             raise RMTError(f"no such corpus file: {args[1]}")
@@ -466,9 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     except (RMTError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if forms:
-        result = thinking_forms(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 200)
+        result = thinking_forms(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 200, think_tokens=think_tokens)
     else:
-        result = position_probe(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 500)
+        result = position_probe(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 500, think_tokens=think_tokens)
     print(json.dumps(result, indent=2))
 
 
