@@ -85,4 +85,3 @@ def test_a_named_sections_figure_gets_its_own_name(tmp_path):
     assert "main\n![curves](posttrain_curves.png)" in text and "other\n![curves](posttrain_curves-ablations.png)" in text
     assert (tmp_path / "posttrain_curves.png").read_bytes() == b"main"
     assert (tmp_path / "posttrain_curves-ablations.png").read_bytes() == b"other"
-

@@ -19,6 +19,7 @@ Two measurements (SPEC section 8), both greedy and batched:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import random
@@ -438,12 +439,22 @@ def probe_base_model(cfg: RMTConfig, arts) -> dict:
     return result
 
 
+class _UsageParser(argparse.ArgumentParser):
+    def error(self, message: str):  # a one-line message with the usage, as SystemExit's text (no exit code 2 dance)
+        raise SystemExit(f"{self.format_usage().strip()}\nerror: {message}")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms] [--think-tokens=K]``: the position probe
+    """``python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms] [--think-tokens K]``: the position probe
     of any model on a corpus, as JSON; with ``--forms``, ``thinking_forms`` at N computed positions instead (8 samples
     each at T=1). ``--think-tokens``: the thinking cap (default 64)."""
     import json
-    import sys
 
     from pathlib import Path
 
@@ -451,30 +462,29 @@ def main(argv: list[str] | None = None) -> None:
     from rmt.errors import RMTError
     from rmt.modeling import load_model, load_tokenizer
 
-    args = sys.argv[1:] if argv is None else argv
-    forms = "--forms" in args
-    caps = [a.split("=", 1)[1] for a in args if a.startswith("--think-tokens=")]
-    args = [a for a in args if a != "--forms" and not a.startswith("--think-tokens=")]
-    usage = "usage: python -m rmt.embedded.probe MODEL_DIR CORPUS.jsonl [N] [--forms] [--think-tokens=K]"
-    if len(args) not in (2, 3) or len(args) == 3 and not args[2].isdigit() or len(caps) > 1 or caps and not caps[0].isdigit():
-        raise SystemExit(usage)
-    think_tokens = int(caps[0]) if caps else 64
+    parser = _UsageParser(prog="python -m rmt.embedded.probe", description="Does thinking help this model on this corpus?")
+    parser.add_argument("model_dir")
+    parser.add_argument("corpus", help="JSON Lines of {text, computed_spans} records")
+    parser.add_argument("n", nargs="?", type=_positive, help="positions (default 500; 200 with --forms)")
+    parser.add_argument("--forms", action="store_true", help="sample the ways it reasons at computed positions instead")
+    parser.add_argument("--think-tokens", type=_positive, default=64, help="thinking cap (default 64)")
+    args = parser.parse_args(argv)
     try:
-        if not Path(args[1]).is_file():
-            raise RMTError(f"no such corpus file: {args[1]}")
+        if not Path(args.corpus).is_file():
+            raise RMTError(f"no such corpus file: {args.corpus}")
         try:
-            records = read_jsonl(args[1])
+            records = read_jsonl(args.corpus)
         except (ValueError, UnicodeDecodeError) as e:
-            raise RMTError(f"{args[1]} is not a JSON Lines file of {{\"text\", \"computed_spans\"}} records: {e}") from None
+            raise RMTError(f"{args.corpus} is not a JSON Lines file of {{\"text\", \"computed_spans\"}} records: {e}") from None
         # Safetensors only, through the same loader as every stage (a pickled checkpoint is refused).
-        model = load_model(args[0], RMTConfig.model_validate({"model": {"dtype": "float32"}}), torch.device("cpu"))
-        tokenizer = load_tokenizer(args[0])
+        model = load_model(args.model_dir, RMTConfig.model_validate({"model": {"dtype": "float32"}}), torch.device("cpu"))
+        tokenizer = load_tokenizer(args.model_dir)
     except (RMTError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if forms:
-        result = thinking_forms(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 200, think_tokens=think_tokens)
+    if args.forms:
+        result = thinking_forms(model, tokenizer, records, n=args.n or 200, think_tokens=args.think_tokens)
     else:
-        result = position_probe(model, tokenizer, records, n=int(args[2]) if len(args) == 3 else 500, think_tokens=think_tokens)
+        result = position_probe(model, tokenizer, records, n=args.n or 500, think_tokens=args.think_tokens)
     print(json.dumps(result, indent=2))
 
 
