@@ -111,7 +111,8 @@ def test_prepare_replaces_its_own_corpus_but_never_a_file_it_did_not_write(tmp_p
     (prep / "notes.md").unlink()
     prepare_corpus(_prepare_cfg(tmp_path, tiny_model_dir, src, prep, "data.seq_len=24", "output.overwrite=true"))
     assert json.loads((prep / "meta.json").read_text())["data"]["seq_len"] == 24
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prep.")], "no temporary or swapped-out folder left"
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".prep.")]
+    assert left == [".prep.lock"], "no temporary or swapped-out folder left (only the lock file jobs sharing it wait on)"
 
 
 def test_prepare_removes_only_the_leftovers_of_dead_writers(tmp_path, tiny_model_dir):

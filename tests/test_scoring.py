@@ -1,4 +1,9 @@
 import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rmt.scoring as scoring
 from rmt.config import load_config
-from rmt.data.prepare import prepare_corpus
+from rmt.data.prepare import corpus_lock, prepare_corpus
 from rmt.errors import DataError, ModelError
 from rmt.scoring import (
     assign_tiers,
@@ -311,6 +316,87 @@ def test_interrupted_scoring_resumes_without_redoing_shards(prepared, monkeypatc
     )
     # The first shard (7 sequences in batches of 3 = 3 batches) was not scored again.
     assert n_batches_resumed == counted["n"] - 3
+
+
+def _in_thread(fn, *args):
+    """Run fn(*args) in a thread; the result (or the error) lands in the returned dict once joined."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _prepare_and_score(cfg, model, tokenizer):
+    prepare_corpus(cfg, tokenizer)
+    return score_corpus(cfg, model, tokenizer)
+
+
+def test_jobs_sharing_a_corpus_prepare_and_score_it_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Seeds launched side by side on one output folder (benchmarks/paper_tables.py --seeds S ... &) share its
+    corpus: one job prepares and scores it, the others wait and reuse it. Before the corpus lock, the second job to
+    finish a score shard crashed renaming it onto the first's (OSError: Directory not empty)."""
+    cfg = load_config(None, [*text_corpus(tmp_path, tiny_model_dir, TEXTS, seq_len=24), "data.eval_fraction=0.2",
+                             "scoring.shard_sequences=7", "scoring.batch_size=3"])
+    real, calls = scoring.score_batch, []
+    monkeypatch.setattr(scoring, "score_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # (the model is loaded once: transformers' loading is not thread-safe; separate jobs are separate processes)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    jobs = [_in_thread(_prepare_and_score, cfg, model, tokenizer) for _ in range(3)]
+    for thread, _ in jobs:
+        thread.join()
+    for _, out in jobs:
+        if "error" in out:
+            raise out["error"]
+    summaries = [out["result"] for _, out in jobs]
+    assert summaries[0] == summaries[1] == summaries[2]
+    sizes = [len(load_scored(cfg.data.prepared_dir, s)) for s in ("train", "eval")]
+    n_batches = sum(-(-min(7, n - start) // 3) for n in sizes for start in range(0, n, 7))  # shards of 7, batches of 3
+    assert len(calls) == n_batches, "the corpus was scored once, not once per job"
+    assert not [p.name for p in (tmp_path / "prep" / "scores" / "train").iterdir() if not p.name.startswith("shard-")]
+
+
+def test_a_job_waits_while_another_holds_the_corpus(prepared, caplog):
+    cfg = prepared()
+    caplog.set_level(logging.INFO, logger="rmt.fileio")
+    with corpus_lock(cfg.data.prepared_dir):
+        thread, out = _in_thread(score_corpus, cfg)
+        deadline = time.monotonic() + 300  # a bound for a stuck test, not a timing
+        while not any("waiting for another process" in r.getMessage() for r in caplog.records):
+            assert thread.is_alive() and "error" not in out, f"scoring did not wait for the lock: {out}"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not (Path(cfg.data.prepared_dir) / "scores").exists(), "nothing is written while another job holds it"
+    thread.join()
+    assert out["result"] == json.loads((Path(cfg.data.prepared_dir) / "scores" / "summary.json").read_text())
+
+
+def test_scoring_again_reuses_the_tiers_unless_a_setting_or_a_split_changed(prepared, monkeypatch):
+    cfg = prepared()
+    first = score_corpus(cfg)
+    train = Path(cfg.data.prepared_dir) / "scored" / "train"
+    inode = os.stat(train).st_ino
+    monkeypatch.setattr(scoring, "write_tiers", lambda *a, **k: pytest.fail("tiers written again"))
+    assert score_corpus(cfg) == first
+    assert os.stat(train).st_ino == inode, "a job reading the scored corpus never sees it replaced by another's call"
+    monkeypatch.undo()
+    quantile = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"tier_rule": "quantile"})})
+    assert score_corpus(quantile)["tier_rule"] == "quantile"
+    assert score_corpus(cfg) == first
+    tiers = [list(t) for t in load_scored(cfg.data.prepared_dir, "train")["tier"]]
+    arrows = list(train.glob("*.arrow"))
+    assert arrows
+    for arrow in arrows:  # a new file in its place (writing into the old one would break its memory maps)
+        arrow.unlink()
+        arrow.write_bytes(b"damaged")
+    assert score_corpus(cfg) == first  # a damaged split is tiered again, not reused
+    assert [list(t) for t in load_scored(cfg.data.prepared_dir, "train")["tier"]] == tiers
 
 
 def test_mismatched_tokenizer_or_model_is_an_error(prepared, tmp_path, tiny_model_dir):

@@ -108,7 +108,8 @@ class DataConfig(Section):
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (None = all).")
     prepared_dir: str = Field(
         "runs/corpus",
-        description="Where `rmt prepare` writes the tokenized corpus and `rmt score` its scores; shared by every method trained on it.",
+        description="Where `rmt prepare` writes the tokenized corpus and `rmt score` its scores; shared by every method trained on it. "
+        "Jobs started side by side on one folder prepare and score it once: the others wait for the lock file `.NAME.lock` beside it.",
     )
 
 

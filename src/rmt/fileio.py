@@ -8,6 +8,7 @@ the writer's process id and host are in the name, so a later run can tell a left
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -82,6 +83,25 @@ def swap_into_place(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(lock_file: str | Path, work: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (made if missing) for the block, so that one process at a time
+    does ``work``; another waits for it (saying so once) and then finds that work done. The kernel releases the lock
+    when its holder ends, however it ends."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process %s (lock %s)", work, lock_file)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager

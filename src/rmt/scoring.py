@@ -16,6 +16,7 @@ together with ``scores/summary.json`` (thresholds, tier counts, entropy histogra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import torch
 
 from rmt.config import RMTConfig, ScoringConfig
 from rmt.errors import DataError, ModelError
-from rmt.fileio import remove_orphans, temp_prefix
+from rmt.fileio import atomic_write_text, remove_orphans, swap_into_place, temp_prefix
 from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, RL_TIERS, TIER_NAMES
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     """Score ``data.prepared_dir`` (resuming), then tier it; returns the summary that is also saved as JSON."""
     from accelerate import PartialState
 
-    from rmt.data.prepare import load_meta, load_split
+    from rmt.data.prepare import corpus_lock, load_meta
     from rmt.embedded import resolve_model_path, resolve_tokenizer_path
     from rmt.modeling import check_tokenizer_matches_model, load_model, load_tokenizer, tokenizer_fingerprint
 
@@ -287,6 +288,14 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
         model = load_model(ref_path, cfg, state.device)
     model.eval()
     check_tokenizer_matches_model(tokenizer, model, where=f"reference model {ref_path}")
+
+    # One job at a time scores and tiers a corpus; the processes of one job share the main process' hold.
+    with corpus_lock(prepared) if state.is_main_process else contextlib.nullcontext():
+        return _score_and_tier(cfg, prepared, prep_meta, state, model, tokenizer, ref_path)
+
+
+def _score_and_tier(cfg: RMTConfig, prepared: Path, prep_meta: dict, state, model, tokenizer, ref_path) -> dict:
+    from rmt.data.prepare import load_split
 
     scores_dir = prepared / "scores"
     identity = _scorer_identity(cfg, ref_path, prep_meta)
@@ -314,7 +323,31 @@ def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    return write_tiers(cfg, tokenizer, vocab, splits)
+    tiering = {"scorer": identity, "scoring": cfg.scoring.model_dump(mode="json"), "seed": cfg.data.seed,
+               "eval_per_tier": cfg.eval.positions_per_tier}
+    summary = _tiered_summary(prepared, tiering)
+    if summary is not None:
+        log.info("the scored corpus in %s is up to date; reusing its tiers", prepared)
+        return summary
+    return write_tiers(cfg, tokenizer, vocab, splits, tiering)
+
+
+TIERS_FILE = "tiers.json"  # in scores/: the settings the scored splits were tiered with, written last
+
+
+def _tiered_summary(prepared: Path, tiering: dict) -> dict | None:
+    """The summary of the scored splits when they were tiered from these scores with these settings and load;
+    None when they must be written (again)."""
+    scores = prepared / "scores"
+    try:
+        if json.loads((scores / TIERS_FILE).read_text()) != tiering:
+            return None
+        summary = json.loads((scores / "summary.json").read_text())
+        for split in ("train", "eval"):
+            load_scored(prepared, split)
+    except (OSError, ValueError, DataError):
+        return None
+    return summary
 
 
 FINE_BIN = 1e-3  # nats: resolution of the quantile boundaries (a histogram scales to any corpus size)
@@ -378,11 +411,13 @@ def quantile_thresholds(values: np.ndarray, quantiles) -> tuple[float, float, fl
     return float(t[0]), float(t[1]), float(t[2])
 
 
-def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
-    """Tier every position (the eval split with the boundaries fitted on train) and write scored/<split>."""
+def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict, tiering: dict) -> dict:
+    """Tier every position (the eval split with the boundaries fitted on train) and write scored/<split>, then the
+    summary, then ``tiering`` (the settings, in scores/tiers.json) that lets a later call reuse them."""
     import datasets
 
     prepared = Path(cfg.data.prepared_dir)
+    (prepared / "scores" / TIERS_FILE).unlink(missing_ok=True)
     table = eligible_token_table(tokenizer, vocab)
     joined = {s: _with_entropies(prepared, s, ds) for s, ds in splits.items()}
     max_h = math.log(max(2, vocab))
@@ -418,16 +453,11 @@ def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
         summary["excluded_by_min_context"][split] = {TIER_NAMES[i]: int(excluded[i]) for i in RL_TIERS}
         target = prepared / "scored" / split
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=target.parent))
+        remove_orphans(target.parent, split)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(split), dir=target.parent))
         scored.save_to_disk(str(tmp / "data"))
-        old = target.with_name(f".{split}.old") if target.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        (tmp / "data").rename(target)
+        swap_into_place(tmp / "data", target)
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     coarse = int(round(HIST_BIN / FINE_BIN))
     n_coarse = int(math.ceil(len(fine) / coarse))
     hist_counts = np.pad(fine, (0, n_coarse * coarse - len(fine))).reshape(n_coarse, coarse).sum(1)
@@ -443,7 +473,8 @@ def write_tiers(cfg: RMTConfig, tokenizer, vocab: int, splits: dict) -> dict:
         summary["splits"].get("eval"), tokenizer, vocab, tier_rule=cfg.scoring.tier_rule, thresholds=thresholds,
         fine=fine, fine_bin=FINE_BIN, eval_per_tier=cfg.eval.positions_per_tier, seed=cfg.data.seed,
     )
-    (prepared / "scores" / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(prepared / "scores" / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(prepared / "scores" / TIERS_FILE, json.dumps(tiering, indent=2))
     return summary
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from rmt.config import RMTConfig
 from rmt.data.readers import read_documents
 from rmt.errors import DataError
-from rmt.fileio import is_orphan, remove_orphans, swap_into_place, temp_prefix
+from rmt.fileio import exclusive, is_orphan, remove_orphans, swap_into_place, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -248,17 +248,28 @@ def prepare_corpus(cfg: RMTConfig, tokenizer=None) -> Path:
     out = Path(cfg.data.prepared_dir)
     # Before the embedded default's material is built: the folder, and the corpus files the user named.
     check_prepared_dir(out, [(Path(p), None) for p in (cfg.data.path, cfg.data.eval_path) if p is not None])
-
-    import datasets
-
-    from rmt.embedded import resolve_tokenizer_path
-    from rmt.modeling import load_tokenizer
-
     sources = corpus_sources(cfg)
     for path, _ in sources:
         if not path.exists():
             raise DataError(f"corpus not found: {path}")
     check_prepared_dir(out, sources)
+    with corpus_lock(out):  # runs sharing the folder (seeds launched side by side) prepare it once
+        return _prepare(cfg, out, sources, tokenizer)
+
+
+def corpus_lock(prepared_dir: str | Path):
+    """The lock that preparing and scoring ``prepared_dir`` hold: a file beside the folder (preparing replaces the
+    folder itself), so that runs sharing a corpus build it once and never replace it under one another."""
+    out = Path(prepared_dir)
+    return exclusive(out.parent / f".{out.name}.lock", f"preparing or scoring {out}")
+
+
+def _prepare(cfg: RMTConfig, out: Path, sources, tokenizer) -> Path:
+    import datasets
+
+    from rmt.embedded import resolve_tokenizer_path
+    from rmt.modeling import load_tokenizer
+
     source = sources[0][0] if len(sources) == 1 else " + ".join(str(p) for p, _ in sources)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)

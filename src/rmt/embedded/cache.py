@@ -8,19 +8,18 @@ reasoning (``rmt.embedded.probe``). ``resolve_model_path`` is where "model.path 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from rmt.config import EmbeddedConfig, RMTConfig
 from rmt.embedded.corpus import CORPUS_FORMAT, read_jsonl, reasoning_gym_version, write_corpus
+from rmt.fileio import exclusive
 
 log = logging.getLogger(__name__)
 SHIPPED_DIR = Path(__file__).parent / "base_models"  # base models trained by `rmt pretrain`, shipped so a first run skips it
@@ -83,16 +82,9 @@ def embedded_paths(cfg: RMTConfig) -> EmbeddedArtifacts:
     )
 
 
-@contextmanager
 def _locked(root: Path):
     """One builder at a time (e.g. every process of a distributed launch calls ensure_embedded)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive(root / ".lock", f"building the embedded material in {root}")
 
 
 def _build_dir(target: Path, build) -> None:
