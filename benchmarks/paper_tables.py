@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from rmt.config import PRESET_DIR, RMTConfig, load_config
+from rmt.fileio import atomic_write_text
 
 log = logging.getLogger("paper_tables")
 
@@ -331,9 +332,8 @@ def posttrain_data(args) -> dict[str, Path]:
     train_mix = [q for pair in zip(indist[:n_train], transfer[n_eval : n_eval + n_train]) for q in pair]
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_mix), ("eval_indist", indist[-n_eval:]), ("eval_transfer", transfer[:n_eval])):
-        tmp = files[name].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        tmp.replace(files[name])
+        # atomic, under a name of its own: seeds run side by side write the same files
+        atomic_write_text(files[name], "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return files
 
 
@@ -370,7 +370,7 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
                     answers = answer_questions(model, tok, sets[name], cfg)
                     cache[f"{start}|{when}|{name}"] = {**summarize(answers), "correct": [int(a["correct"]) for a in answers]}
                     folder.mkdir(parents=True, exist_ok=True)
-                    cache_path.write_text(json.dumps(cache))
+                    atomic_write_text(cache_path, json.dumps(cache))
             for name in sets:
                 row[f"{name}_{when}"] = cache[f"{start}|{when}|{name}"]
         curve = json.loads((folder / start / "eval.json").read_text()).get("curve", {})
@@ -605,7 +605,7 @@ def write_doc(path: Path, body: str, figure: str | None, section: str | None = N
         sys.exit(f"{path} has no {begin} ... {end} section to replace")
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
-    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    atomic_write_text(path, f"{head}{begin}\n{body}\n{end}{tail}")
     if figure:
         shutil.copy(figure, path.parent / fig_name)
 
@@ -657,7 +657,11 @@ def main(argv=None) -> dict:
     }
     # A stopped run goes on where it stopped; its earlier calls' time counts towards the total.
     previous = args.out / "results.json"
-    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    try:
+        earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    except ValueError:
+        log.warning("%s is not readable JSON; the wall time counts from this call", previous)
+        earlier = {}
     earlier_s = float(earlier.get("wall_s_total", 0.0))
     results["calls"] = int(earlier.get("calls", 0)) + 1
 
@@ -675,9 +679,10 @@ def main(argv=None) -> dict:
             post = {int(k): v for k, v in results["posttrain"].items()}
             results["posttrain_comparisons"] = posttrain_comparisons(args, post)
             results["curves_png"] = str(plot_curves(args, post))
-        (args.out / "results.json").write_text(json.dumps(results, default=str))
+        # atomic: seeds run side by side on one --out each write it (the last call writes the complete one)
+        atomic_write_text(args.out / "results.json", json.dumps(results, default=str))
         if results["eval"]:
-            (args.out / "results.md").write_text(write_markdown(args, results) + "\n")
+            atomic_write_text(args.out / "results.md", write_markdown(args, results) + "\n")
 
     for seed in args.seeds:
         results["train"][seed] = midtrain(args, seed)

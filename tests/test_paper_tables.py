@@ -85,3 +85,50 @@ def test_a_named_sections_figure_gets_its_own_name(tmp_path):
     assert "main\n![curves](posttrain_curves.png)" in text and "other\n![curves](posttrain_curves-ablations.png)" in text
     assert (tmp_path / "posttrain_curves.png").read_bytes() == b"main"
     assert (tmp_path / "posttrain_curves-ablations.png").read_bytes() == b"other"
+
+
+def test_seeds_run_side_by_side_write_the_same_post_training_files_whole(tmp_path, monkeypatch):
+    """Each seed's process writes the shared post-training files. One writer is held just before it renames its
+    first file into place while another writes them all: with a shared temporary name the held one's rename failed
+    (the other had moved the file away) or published a file the other was still writing; each write is now atomic
+    under a name of its own, so both finish, the files are whole, and nothing is left behind."""
+    import argparse
+    import os
+    import threading
+
+    from rmt.config import EmbeddedConfig
+    from rmt.embedded.corpus import write_corpus
+
+    write_corpus(EmbeddedConfig(base_problems=40, midtrain_problems=40, eval_problems=40, posttrain_problems=40),
+                 tmp_path / "corpus")
+    base = {s: str(tmp_path / "corpus" / f"{s}.jsonl") for s in ("midtrain", "eval", "posttrain")}
+    reference = argparse.Namespace(out=tmp_path / "reference", base=base, qa_train=16, qa_eval=8)
+    expected = {Path(p).name: p.read_text() for p in paper_tables.posttrain_data(reference).values()}
+    args = argparse.Namespace(**{**vars(reference), "out": tmp_path / "out"})  # the same files, not yet written
+    folder = args.out / "posttrain_data"
+
+    real_replace, held, other_done = os.replace, threading.Event(), threading.Event()
+
+    def replace(src, dst):
+        if threading.current_thread().name == "held" and not held.is_set():
+            held.set()
+            assert other_done.wait(60)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    errors = []
+
+    def write():
+        try:
+            paper_tables.posttrain_data(args)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    first = threading.Thread(target=write, name="held")
+    first.start()
+    assert held.wait(60)
+    write()
+    other_done.set()
+    first.join()
+    assert not errors
+    assert {p.name: p.read_text() for p in folder.iterdir()} == expected
