@@ -377,6 +377,28 @@ def test_a_job_waits_while_another_holds_the_corpus(prepared, caplog):
     assert out["result"] == json.loads((Path(cfg.data.prepared_dir) / "scores" / "summary.json").read_text())
 
 
+def test_a_finished_corpus_in_a_folder_that_cannot_take_the_lock_is_still_used(prepared, monkeypatch, caplog):
+    """A shared corpus prepared and scored by someone else, beside which this user cannot write: preparing and
+    scoring it again only read it, so they go on without the lock (saying so) instead of failing on the lock file."""
+    import errno
+
+    import rmt.fileio as fileio
+
+    cfg = prepared()
+    first = score_corpus(cfg)
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return open(path, *a, **k)
+
+    monkeypatch.setattr(fileio, "open", read_only, raising=False)
+    caplog.set_level(logging.WARNING, logger="rmt.fileio")
+    assert prepare_corpus(cfg) == Path(cfg.data.prepared_dir)
+    assert score_corpus(cfg) == first
+    assert any("going on without it" in r.getMessage() for r in caplog.records)
+
+
 def test_scoring_again_reuses_the_tiers_unless_a_setting_or_a_split_changed(prepared, monkeypatch):
     cfg = prepared()
     first = score_corpus(cfg)

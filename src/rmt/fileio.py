@@ -91,8 +91,17 @@ def exclusive(lock_file: str | Path, work: str) -> Iterator[None]:
     does ``work``; another waits for it (saying so once) and then finds that work done. The kernel releases the lock
     when its holder ends, however it ends."""
     lock_file = Path(lock_file)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as fh:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_file, "a")
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # a folder this user may read but not write (a shared, finished corpus): work that only reads needs no lock
+        log.warning("cannot create the lock %s (%s); going on without it", lock_file, e.strerror or e)
+        yield
+        return
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
