@@ -625,6 +625,18 @@ def stamp(text: str) -> None:
     log.info("[%5.1f min] %s", (time.perf_counter() - T0) / 60, text)
 
 
+def earlier_calls(path: Path) -> dict:
+    """What the earlier calls on this ``--out`` recorded (their count and wall time); {} if none or unreadable."""
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        log.warning("%s is not readable JSON; the wall time counts from this call", path)
+        return {}
+    return earlier
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -656,12 +668,7 @@ def main(argv=None) -> dict:
         "train": {}, "eval": {}, "posttrain": {},
     }
     # A stopped run goes on where it stopped; its earlier calls' time counts towards the total.
-    previous = args.out / "results.json"
-    try:
-        earlier = json.loads(previous.read_text()) if previous.is_file() else {}
-    except ValueError:
-        log.warning("%s is not readable JSON; the wall time counts from this call", previous)
-        earlier = {}
+    earlier = earlier_calls(args.out / "results.json")
     earlier_s = float(earlier.get("wall_s_total", 0.0))
     results["calls"] = int(earlier.get("calls", 0)) + 1
 

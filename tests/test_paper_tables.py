@@ -132,3 +132,19 @@ def test_seeds_run_side_by_side_write_the_same_post_training_files_whole(tmp_pat
     first.join()
     assert not errors
     assert {p.name: p.read_text() for p in folder.iterdir()} == expected
+
+
+@pytest.mark.parametrize("content", [b'{"calls": 2, "wall_s_tot', b"\xff\xfe not text", b"[1, 2]"])
+def test_an_unreadable_results_file_is_a_warning_and_the_count_starts_again(tmp_path, caplog, content):
+    path = tmp_path / "results.json"
+    path.write_bytes(content)
+    assert paper_tables.earlier_calls(path) == {}
+    assert "is not readable JSON" in caplog.text
+    assert path.read_bytes() == content  # left as it was: the run's own save replaces it atomically
+
+
+def test_an_earlier_calls_record_is_read_back(tmp_path):
+    path = tmp_path / "results.json"
+    assert paper_tables.earlier_calls(path) == {}
+    path.write_text('{"calls": 2, "wall_s_total": 12.5}')
+    assert paper_tables.earlier_calls(path) == {"calls": 2, "wall_s_total": 12.5}
