@@ -631,7 +631,7 @@ def earlier_calls(path: Path) -> dict:
         earlier = json.loads(path.read_text()) if path.is_file() else {}
     except (ValueError, UnicodeDecodeError):
         earlier = None
-    if not isinstance(earlier, dict):
+    if not (isinstance(earlier, dict) and all(isinstance(earlier.get(k, 0), (int, float)) for k in ("calls", "wall_s_total"))):
         log.warning("%s is not readable JSON; the wall time counts from this call", path)
         return {}
     return earlier

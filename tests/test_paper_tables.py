@@ -134,7 +134,8 @@ def test_seeds_run_side_by_side_write_the_same_post_training_files_whole(tmp_pat
     assert {p.name: p.read_text() for p in folder.iterdir()} == expected
 
 
-@pytest.mark.parametrize("content", [b'{"calls": 2, "wall_s_tot', b"\xff\xfe not text", b"[1, 2]"])
+@pytest.mark.parametrize("content", [b'{"calls": 2, "wall_s_tot', b"\xff\xfe not text", b"[1, 2]",
+                                     b'{"calls": 2, "wall_s_total": "ten minutes"}'])
 def test_an_unreadable_results_file_is_a_warning_and_the_count_starts_again(tmp_path, caplog, content):
     path = tmp_path / "results.json"
     path.write_bytes(content)
