@@ -238,6 +238,52 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(warm_m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(("change", "refused"), [
+    ("posttrain.lr=5e-2", "posttrain.lr"),  # was resumed silently, its config.yaml then naming an lr it never ran with
+    ("posttrain.steps=6", "posttrain.steps"),  # the schedule's horizon
+    ("posttrain.data=OTHER", "posttrain.data"),
+    ("posttrain.eval_size=4", "posttrain.eval_size"),  # moves questions between training and evaluation
+    ("grpo.clip_eps_high=0.3", "grpo.clip_eps_high"),
+    ("posttrain.eval_every=1", None),  # evaluation only
+    ("budget.gamma=0.9", None),  # a mid-training setting post-training never reads
+    ("data.path=elsewhere.jsonl", None),
+])
+def test_a_post_training_run_resumes_only_with_the_settings_it_was_made_with(warm_model_dir, tmp_path, change, refused):
+    from rmt.errors import CheckpointError
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(16, 2))
+    other = _write_jsonl(tmp_path / "other.jsonl", _questions(16, 5))
+    opts = ("posttrain.steps=2", "posttrain.questions_per_step=2", "rollout.group_size=2", "train.save_every=100",
+            "posttrain.lr=1e-3")
+    run = tmp_path / "run"
+    posttrain(_cfg(warm_model_dir, data, run, *opts), stop_at=1)
+    resumed = _cfg(warm_model_dir, data, run, *opts, change.replace("OTHER", str(other)))
+    if refused:
+        with pytest.raises(CheckpointError, match=rf"another config \(differs in {refused}\)"):
+            posttrain(resumed)
+        assert not (run / "final").exists()  # the earlier run is left as it was
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]
+    else:
+        posttrain(resumed)
+        assert [r["step"] for r in read_metrics(run) if "reward" in r] == [1, 2]
+
+
+def test_another_held_out_file_resumes_a_post_training_run_but_dropping_it_does_not(warm_model_dir, tmp_path):
+    """With posttrain.eval_data the training questions are all of posttrain.data, whichever file is held out;
+    without it the last posttrain.eval_size questions leave training, so that change is refused."""
+    from rmt.errors import CheckpointError
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(16, 2))
+    held = [_write_jsonl(tmp_path / f"held{i}.jsonl", _questions(4, 6 + i)) for i in range(2)]
+    opts = ("posttrain.steps=2", "posttrain.questions_per_step=2", "rollout.group_size=2", "train.save_every=100")
+    run = tmp_path / "run"
+    posttrain(_cfg(warm_model_dir, data, run, *opts, f"posttrain.eval_data={held[0]}"), stop_at=1)
+    with pytest.raises(CheckpointError, match=r"differs in posttrain.eval_data"):
+        posttrain(_cfg(warm_model_dir, data, run, *opts, "posttrain.eval_data=null", "posttrain.eval_size=4"))
+    posttrain(_cfg(warm_model_dir, data, run, *opts, f"posttrain.eval_data={held[1]}"))
+    assert json.loads((run / "eval.json").read_text())["after"]["n"] == 4
+
+
 def test_learning_rate_depends_on_the_step_only_and_resumes(warm_model_dir, tmp_path):
     """One scheduler step per post-training step with grpo.num_iterations = 2, across a resume."""
     data = _write_jsonl(tmp_path / "train.jsonl", _questions(16, 2))

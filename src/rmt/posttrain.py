@@ -455,7 +455,7 @@ def _posttrain(cfg: RMTConfig, model, tokenizer, stop_at: int | None, held: cont
         raise DataError(f"posttrain.questions_per_step={pcfg.questions_per_step} must be divisible by the processes ({world})")
     train_qs, eval_qs = load_question_sets(cfg)
     check_verifier_data(name, train_qs)
-    held.enter_context(open_run_dir_on_main(cfg, run_dir, accelerator))
+    held.enter_context(open_run_dir_on_main(cfg, run_dir, accelerator, stage="posttrain"))
 
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg), cfg.model.trust_remote_code)

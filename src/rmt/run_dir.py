@@ -27,11 +27,16 @@ TOOL_FILES = {LOCK_FILE, "eval.json", "eval.md"}
 # What a run writes into its folder (deleted when output.overwrite restarts a folder made with another config).
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "done.json", "preflight.json")
 
-# Sections that do not affect what `rmt train` computes (evaluation, other stages).
-RESUMABLE_SECTIONS = {"eval", "posttrain", "preflight"}
+# Sections that do not affect what a stage computes, by stage: `rmt train` (mid-training) never reads the evaluation
+# or the other stages; `rmt posttrain` never reads the mid-training corpus, its scoring, budget, curriculum, reward
+# or NTP loss, nor the evaluation or pre-training. Everything else must match for a run folder to be resumed.
+RESUMABLE_SECTIONS = {
+    "train": {"eval", "posttrain", "preflight"},
+    "posttrain": {"data", "scoring", "budget", "curriculum", "reward", "ntp", "eval", "preflight", "pretrain"},
+}
 # Fields that may change between a run and its resumption without changing what the run computes.
 RESUMABLE_CHANGES = {("output", "overwrite"), ("output", "dir"), ("train", "tracker"), ("train", "log_every"), ("train", "sample_every"),
-                     ("train", "save_every"), ("train", "keep_last")}
+                     ("train", "save_every"), ("train", "keep_last"), ("posttrain", "eval_every"), ("posttrain", "eval_batch_size")}
 
 
 def _diff(a: dict, b: dict, prefix=()) -> list[tuple]:
@@ -74,10 +79,10 @@ def check_run_dir_path(run_dir: Path, what: str = "output.dir") -> None:
         raise CheckpointError(f"{what}={run_dir} cannot be made: {above} is not writable")
 
 
-def open_run_dir_on_main(cfg: RMTConfig, run_dir: Path, accelerator):
+def open_run_dir_on_main(cfg: RMTConfig, run_dir: Path, accelerator, stage: str = "train"):
     """``open_run_dir`` on the main process, which holds the run's lock; every process waits until the folder is
     ready. Returns a context manager that releases the lock (a no-op on the other processes)."""
-    lock = open_run_dir(cfg, run_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    lock = open_run_dir(cfg, run_dir, stage) if accelerator.is_main_process else contextlib.nullcontext()
     accelerator.wait_for_everyone()
     return lock
 
@@ -139,11 +144,11 @@ def _foreign_entries(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name not in TOOL_FILES and not is_orphan(p))
 
 
-def open_run_dir(cfg: RMTConfig, run_dir: Path) -> RunLock:
+def open_run_dir(cfg: RMTConfig, run_dir: Path, stage: str = "train") -> RunLock:
     """Create ``run_dir`` or check that the existing one belongs to this config; returns its lock, held.
 
-    A folder made with another config is refused unless ``output.overwrite`` is set: mixing two runs'
-    checkpoints would silently corrupt both. A folder that is not a run folder is refused: nothing the tool did not
+    A folder made with another config (in what ``stage``, "train" or "posttrain", computes) is refused unless
+    ``output.overwrite`` is set: mixing two runs' checkpoints would silently corrupt both. A folder that is not a run folder is refused: nothing the tool did not
     write is ever deleted. Leftovers of writes interrupted by a kill are removed.
     """
     run_dir = Path(run_dir)
@@ -157,7 +162,7 @@ def open_run_dir(cfg: RMTConfig, run_dir: Path) -> RunLock:
     try:
         remove_orphans(run_dir)
         remove_orphans(run_dir / "checkpoints")
-        _check_or_reset(cfg, run_dir, cfg_file)
+        _check_or_reset(cfg, run_dir, cfg_file, stage)
         atomic_write_text(cfg_file, config_to_yaml(cfg))
     except BaseException:
         lock.release()
@@ -165,7 +170,18 @@ def open_run_dir(cfg: RMTConfig, run_dir: Path) -> RunLock:
     return lock
 
 
-def _check_or_reset(cfg: RMTConfig, run_dir: Path, cfg_file: Path) -> None:
+def resumable(old: dict, new: dict, path: tuple, stage: str) -> bool:
+    """Whether a config field at ``path`` may differ between a run and its resumption in ``stage``."""
+    if path in RESUMABLE_CHANGES or path[0] in RESUMABLE_SECTIONS[stage]:
+        return True
+    if stage == "posttrain" and path == ("posttrain", "eval_data"):
+        # another held-out file leaves the training questions as they were (all of posttrain.data) as long as
+        # there is one before and after; without one, the last posttrain.eval_size questions are held out of training
+        return all((c.get("posttrain") or {}).get("eval_data") is not None for c in (old, new))
+    return False
+
+
+def _check_or_reset(cfg: RMTConfig, run_dir: Path, cfg_file: Path, stage: str = "train") -> None:
     if not cfg_file.is_file():
         return
     try:
@@ -179,12 +195,13 @@ def _check_or_reset(cfg: RMTConfig, run_dir: Path, cfg_file: Path) -> None:
         old = type(cfg).model_validate(old).model_dump(mode="json")
     except ValueError:
         pass  # a field renamed or removed since: compare what was written
-    changed = [d for d in _diff(old, new) if d not in RESUMABLE_CHANGES and d[0] not in RESUMABLE_SECTIONS]
+    changed = [d for d in _diff(old, new) if not resumable(old, new, d, stage)]
     if changed and not cfg.output.overwrite:
         names = ", ".join(".".join(d) for d in changed[:6])
+        where = "posttrain.output_dir" if stage == "posttrain" else "output.dir"
         raise CheckpointError(
             f"{run_dir} holds a run made with another config (differs in {names}); "
-            "use another output.dir, or output.overwrite=true to start that folder afresh"
+            f"use another {where}, or output.overwrite=true to start that folder afresh"
         )
     if changed:
         for sub in RUN_OUTPUTS:
