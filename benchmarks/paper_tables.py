@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--posttrain-starts", nargs="+", default=list(POSTTRAIN_STARTS), choices=POSTTRAIN_STARTS,
                    help="checkpoints post-trained (default: all of them that were mid-trained, and the base model)")
     p.add_argument("--skip-posttrain", action="store_true")
+    p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for post-training only, after the others (repeatable); e.g. mid-training with "
+                        "grpo.kl_beta=0.1 and post-training as every other section does, --posttrain-set grpo.kl_beta=0")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap samples of each paired comparison")
     p.add_argument("--write-doc", default=None, help="a markdown file whose generated section gets the tables")
@@ -303,7 +306,7 @@ def posttrain_data(args) -> dict[str, Path]:
     import reasoning_gym
 
     folder = args.out / "posttrain_data"
-    files = {name: folder / f"{name}.jsonl" for name in ("train", "eval_indist", "eval_transfer")}
+    files = {name: folder / f"{name}.jsonl" for name in ("train", "eval_indist", "eval_transfer", "eval_curve")}
     if all(f.is_file() for f in files.values()):
         return files
     n_train, n_eval = args.qa_train, args.qa_eval
@@ -331,7 +334,9 @@ def posttrain_data(args) -> dict[str, Path]:
             transfer.append({"question": QUESTION_PREFIX + expr + "=", "answer": entry["answer"], "task": "transfer"})
     train_mix = [q for pair in zip(indist[:n_train], transfer[n_eval : n_eval + n_train]) for q in pair]
     folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train_mix), ("eval_indist", indist[-n_eval:]), ("eval_transfer", transfer[:n_eval])):
+    curve = indist[-n_eval:] + transfer[:n_eval]  # both held-out sets: the runs' own curves, per task
+    for name, rows in (("train", train_mix), ("eval_indist", indist[-n_eval:]), ("eval_transfer", transfer[:n_eval]),
+                       ("eval_curve", curve)):
         # atomic, under a name of its own: seeds run side by side write the same files
         atomic_write_text(files[name], "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return files
@@ -358,7 +363,8 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
     out = {}
     for start, path in starts.items():
         cfg = config("rmt", args, [f"model.path={path}", f"train.seed={seed}", f"posttrain.data={files['train']}",
-                                   f"posttrain.eval_data={files['eval_transfer']}", f"posttrain.output_dir={folder / start}"])
+                                   f"posttrain.eval_data={files['eval_curve']}", f"posttrain.output_dir={folder / start}",
+                                   *args.posttrain_set])
         stamp(f"seed {seed}: post-train from {start} ({cfg.posttrain.steps} steps x {cfg.posttrain.questions_per_step} questions)")
         posttrain(cfg)
         row = {"path": path, "steps": cfg.posttrain.steps, "train_s": train_summary(folder / start)["train_s"]}
@@ -373,10 +379,32 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
                     atomic_write_text(cache_path, json.dumps(cache))
             for name in sets:
                 row[f"{name}_{when}"] = cache[f"{start}|{when}|{name}"]
-        curve = json.loads((folder / start / "eval.json").read_text()).get("curve", {})
-        row["curve"] = {int(k): v["accuracy"] for k, v in curve.items()}
+        row.update(run_curves(json.loads((folder / start / "eval.json").read_text()).get("curve", {})))
         out[start] = row
     return out
+
+
+CURVE_TASKS = {"regular": "eval_indist", "transfer": "eval_transfer"}  # eval_curve's task labels -> held-out set
+
+
+def run_curves(curve: dict) -> dict:
+    """A post-training run's own evaluations by step: "curve" = transfer-task accuracy by step, and, when the run
+    evaluated both held-out sets (eval_curve, a summary per task), "curve_indist" and the per-question results of
+    each set by step ("curve_correct"). A run that evaluated the transfer set alone (before eval_curve) gives its
+    overall accuracy as "curve"."""
+    steps = {int(k): v for k, v in curve.items()}
+    if not all("by_task" in v for v in steps.values()) or not steps:
+        return {"curve": {k: v["accuracy"] for k, v in steps.items()}}
+    correct = {name: {} for name in CURVE_TASKS.values()}
+    for k, v in steps.items():
+        n_indist = v["by_task"]["regular"]["n"]  # eval_curve holds the in-distribution questions first
+        correct["eval_indist"][k], correct["eval_transfer"][k] = v["correct"][:n_indist], v["correct"][n_indist:]
+    return {"curve": {k: v["by_task"]["transfer"]["accuracy"] for k, v in steps.items()},
+            "curve_indist": {k: v["by_task"]["regular"]["accuracy"] for k, v in steps.items()},
+            "curve_correct": correct}
+
+
+START_PAIRS = (("rmt", "ntp"), ("rmt", "base"), ("rmt", "rpt"), ("rmt", "rlp"), ("ntp", "base"))
 
 
 def posttrain_comparisons(args, post: dict) -> list[dict]:
@@ -386,7 +414,7 @@ def posttrain_comparisons(args, post: dict) -> list[dict]:
     seeds = list(post)
     starts = list(next(iter(post.values())))
     out = []
-    for a, b in (("rmt", "ntp"), ("rmt", "base"), ("rmt", "rpt"), ("rmt", "rlp"), ("ntp", "base")):
+    for a, b in START_PAIRS:
         if a not in starts or b not in starts:
             continue
         for task in ("eval_transfer", "eval_indist"):
@@ -394,6 +422,38 @@ def posttrain_comparisons(args, post: dict) -> list[dict]:
             sb = np.array([post[s][b][f"{task}_after"]["correct"] for s in seeds], dtype=np.float64)
             out.append({"comparison": f"{a} start vs {b} start", "task": task, **paired_bootstrap(sa, sb, n_boot=args.bootstrap)})
     return out
+
+
+def curve_steps(post: dict) -> list[int]:
+    """The steps every run of ``post`` evaluated both held-out sets at (empty when one did not: an older run)."""
+    rows = [r for by_start in post.values() for r in by_start.values()]
+    if not rows or not all("curve_correct" in r for r in rows):
+        return []
+    return sorted(set.intersection(*(set(map(int, r["curve_correct"]["eval_indist"])) for r in rows)))
+
+
+def curve_comparisons(args, post: dict) -> list[dict]:
+    """Paired differences between starts *during* post-training: at each step strictly between the first and the
+    last of the runs' own curves, per task (the runs' evaluations at those steps, on the same questions)."""
+    from rmt.stats import paired_bootstrap
+
+    seeds, steps = list(post), curve_steps(post)
+    starts = list(next(iter(post.values()))) if post else []
+    out = []
+    for step in steps[1:-1]:
+        for a, b in START_PAIRS:
+            if a not in starts or b not in starts:
+                continue
+            for task in ("eval_transfer", "eval_indist"):
+                sa, sb = (np.array([curve_at(post[s][x]["curve_correct"][task], step) for s in seeds], dtype=np.float64) for x in (a, b))
+                out.append({"comparison": f"{a} start vs {b} start", "task": task, "step": step,
+                            **paired_bootstrap(sa, sb, n_boot=args.bootstrap)})
+    return out
+
+
+def curve_at(curve: dict, step: int):
+    """A curve's entry at ``step`` (its keys are ints in a run, strings once read back from JSON)."""
+    return curve[step] if step in curve else curve[str(step)]
 
 
 def plot_curves(args, post: dict) -> Path | None:
@@ -404,20 +464,24 @@ def plot_curves(args, post: dict) -> Path | None:
     import matplotlib.pyplot as plt
 
     starts = list(next(iter(post.values())))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for i, start in enumerate(starts):
-        color = f"C{i}"
-        curves = [post[s][start]["curve"] for s in post]
-        steps = sorted(set.intersection(*(set(map(int, c)) for c in curves)))
-        if not steps:
-            continue
-        for c in curves:
-            ax.plot(steps, [c[k] for k in steps], color=color, alpha=0.25, lw=0.8)
-        ax.plot(steps, [np.mean([c[k] for c in curves]) for k in steps], color=color, lw=2, label=f"from {start}")
-    ax.set_xlabel("post-training step")
-    ax.set_ylabel(f"accuracy, {TRANSFER_TERMS}-term questions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    panels = [("curve", f"accuracy, {TRANSFER_TERMS}-term questions")]
+    if curve_steps(post):  # the runs evaluated both held-out sets: the in-distribution curve first
+        panels.insert(0, ("curve_indist", "accuracy, 3-4 term questions"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 if len(panels) == 1 else 10.4, 3.6), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for i, start in enumerate(starts):
+            color = f"C{i}"
+            curves = [{int(k): v for k, v in post[s][start][key].items()} for s in post]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            for c in curves:
+                ax.plot(steps, [c[k] for k in steps], color=color, alpha=0.25, lw=0.8)
+            ax.plot(steps, [np.mean([c[k] for c in curves]) for k in steps], color=color, lw=2, label=f"from {start}")
+        ax.set_xlabel("post-training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = args.out / "posttrain_curves.png"
     fig.savefig(path, dpi=110)
@@ -533,13 +597,29 @@ def posttrain_table(post: dict) -> str:
 
 
 def posttrain_comparison_table(rows: list[dict]) -> str:
-    lines = ["| Comparison | Task | n (seeds x questions) | Difference (points) | 95% bootstrap interval | Excludes 0 |",
-             "|---|---|---|---|---|---|"]
+    """The paired comparisons of starts, after post-training or (rows with a "step") during it."""
+    during = any("step" in r for r in rows)
+    lines = [f"| Comparison | Task |{' Step |' if during else ''} n (seeds x questions) | Difference (points) | 95% bootstrap "
+             f"interval | Excludes 0 |", "|---|---|" + ("---|" if during else "") + "---|---|---|---|"]
     for r in rows:
         lo, hi = r["ci"]
         excl = "yes, above" if lo > 0 else "yes, below" if hi < 0 else "no"
         task = f"{TRANSFER_TERMS} terms" if r["task"] == "eval_transfer" else "3-4 terms"
-        lines.append(f"| {r['comparison']} | {task} | {r['n']} | {100 * r['diff']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {excl} |")
+        step = f" {r['step']} |" if during else ""
+        lines.append(f"| {r['comparison']} | {task} |{step} {r['n']} | {100 * r['diff']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {excl} |")
+    return "\n".join(lines)
+
+
+def curve_table(post: dict) -> str:
+    """Greedy accuracy (%) of each start on each held-out set at each step of the runs' own curves (mean ± 95% t
+    half-width over seeds)."""
+    steps = curve_steps(post)
+    seeds, starts = list(post), list(next(iter(post.values())))
+    lines = ["| Start | Task | " + " | ".join(f"step {k}" for k in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for task, label in (("eval_indist", "3-4 terms"), ("eval_transfer", f"{TRANSFER_TERMS} terms")):
+        for start in starts:
+            cells = [seed_cell([float(np.mean(curve_at(post[s][start]["curve_correct"][task], k))) for s in seeds]) for k in steps]
+            lines.append(f"| {start} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -582,6 +662,10 @@ def write_markdown(args, results: dict) -> str:
         md += [f"### Post-training: greedy accuracy (%) ({s['posttrain_steps']} GRPO steps from each start; {s['qa_eval']} held-out "
                f"questions per task; {'mean ± 95% t half-width over ' + str(len(post)) + ' seeds' if len(post) > 1 else 'one seed'})", "",
                posttrain_table(post), "", posttrain_comparison_table(results["posttrain_comparisons"]), ""]
+        if results.get("curve_comparisons"):
+            md += ["### During post-training: greedy accuracy (%) at each evaluation of the runs' own curves, and paired "
+                   "comparisons of the starts at the steps between the first and the last", "", curve_table(post), "",
+                   posttrain_comparison_table(results["curve_comparisons"]), ""]
         if results.get("curves_png"):
             md += [f"![post-training curves]({Path(results['curves_png']).name})", ""]
     return "\n".join(md)
@@ -685,6 +769,7 @@ def main(argv=None) -> dict:
         if results["posttrain"]:
             post = {int(k): v for k, v in results["posttrain"].items()}
             results["posttrain_comparisons"] = posttrain_comparisons(args, post)
+            results["curve_comparisons"] = curve_comparisons(args, post)
             results["curves_png"] = str(plot_curves(args, post))
         # atomic: seeds run side by side on one --out each write it (the last call writes the complete one)
         atomic_write_text(args.out / "results.json", json.dumps(results, default=str))

@@ -70,6 +70,7 @@ def test_posttrain_data_trains_on_the_regular_questions_left_when_the_corpus_has
     assert len(rows["eval_transfer"]) == 8 and all(r["task"] == "transfer" for r in rows["eval_transfer"])
     questions = [[r["question"] for r in rows[k]] for k in ("train", "eval_indist", "eval_transfer")]
     assert sum(map(len, questions)) == len(set().union(*map(set, questions)))
+    assert rows["eval_curve"] == rows["eval_indist"] + rows["eval_transfer"]  # the runs' own curves: both sets, in order
 
 
 def test_a_named_sections_figure_gets_its_own_name(tmp_path):
@@ -149,3 +150,57 @@ def test_an_earlier_calls_record_is_read_back(tmp_path):
     assert paper_tables.earlier_calls(path) == {}
     path.write_text('{"calls": 2, "wall_s_total": 12.5}')
     assert paper_tables.earlier_calls(path) == {"calls": 2, "wall_s_total": 12.5}
+
+
+def curve_run(rng, steps, n, p_indist, p_transfer) -> dict:
+    """A post-training run's eval.json "curve" on eval_curve (n in-distribution questions, then n transfer ones)."""
+    curve = {}
+    for k in steps:
+        a = [int(x) for x in rng.random(n) < p_indist(k)]
+        b = [int(x) for x in rng.random(n) < p_transfer(k)]
+        curve[str(k)] = {"accuracy": (sum(a) + sum(b)) / (2 * n), "correct": a + b,
+                         "by_task": {"regular": {"n": n, "accuracy": sum(a) / n}, "transfer": {"n": n, "accuracy": sum(b) / n}}}
+    return curve
+
+
+def test_a_runs_own_curve_is_split_by_task_and_an_older_one_is_read_as_the_transfer_curve():
+    import numpy as np
+
+    run = curve_run(np.random.default_rng(0), (0, 20), 5, lambda k: 0.5, lambda k: 0.2)
+    got = paper_tables.run_curves(run)
+    assert got["curve"] == {k: run[str(k)]["by_task"]["transfer"]["accuracy"] for k in (0, 20)}
+    assert got["curve_indist"] == {k: run[str(k)]["by_task"]["regular"]["accuracy"] for k in (0, 20)}
+    assert got["curve_correct"]["eval_indist"][20] == run["20"]["correct"][:5]
+    assert got["curve_correct"]["eval_transfer"][20] == run["20"]["correct"][5:]
+    older = {"0": {"accuracy": 0.1}, "60": {"accuracy": 0.3}}  # evaluated on the transfer set alone
+    assert paper_tables.run_curves(older) == {"curve": {0: 0.1, 60: 0.3}}
+
+
+def test_starts_are_compared_at_each_step_between_the_first_and_the_last(tmp_path):
+    """Synthetic runs: the RMT start is ahead on the in-distribution set at step 20 and level by step 60, the same on
+    the transfer set throughout. Only (rmt vs the others, 3-4 terms, step 20 and 40) may exclude 0; the tables and
+    the two-panel figure are written."""
+    import argparse
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    ahead = {"rmt": lambda k: 0.9, "ntp": lambda k: min(0.9, 0.015 * k), "base": lambda k: min(0.9, 0.015 * k)}
+    post = {s: {start: paper_tables.run_curves(curve_run(rng, (0, 20, 40, 60), 200, ahead[start], lambda k: 0.3))
+                for start in ("base", "ntp", "rmt")} for s in (0, 1, 2)}
+    args = argparse.Namespace(bootstrap=500, out=tmp_path)
+    rows = paper_tables.curve_comparisons(args, post)
+    assert {r["step"] for r in rows} == {20, 40}
+    assert len(rows) == 2 * 3 * 2  # steps x pairs (rmt-ntp, rmt-base, ntp-base) x tasks
+    at = {(r["comparison"], r["task"], r["step"]): r for r in rows}
+    big = at[("rmt start vs base start", "eval_indist", 20)]
+    assert big["diff"] > 0.5 and big["ci"][0] > 0 and big["n"] == 3 * 200
+    assert abs(at[("ntp start vs base start", "eval_indist", 20)]["diff"]) < 0.1
+    assert all(r["ci"][0] < 0 < r["ci"][1] for r in rows if r["task"] == "eval_transfer")
+    table = paper_tables.curve_table(post)
+    assert table.splitlines()[0] == "| Start | Task | step 0 | step 20 | step 40 | step 60 |"
+    assert len(table.splitlines()) == 2 + 2 * 3
+    assert "| Step |" in paper_tables.posttrain_comparison_table(rows).splitlines()[0]
+    assert paper_tables.plot_curves(args, post).is_file()
+    post[0]["rmt"] = paper_tables.run_curves({"0": {"accuracy": 0.1}, "60": {"accuracy": 0.3}})  # an older run
+    assert paper_tables.curve_comparisons(args, post) == [] and paper_tables.plot_curves(args, post).is_file()

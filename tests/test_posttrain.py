@@ -106,6 +106,21 @@ def test_answer_line_ends_at_the_newline_after_think_close():
     assert answer_line_end([0, 4, 5, 6], decode, "</think>") is None  # no </think>: never an answer line
 
 
+def test_an_evaluation_keeps_each_answer_in_order_and_a_summary_per_named_task():
+    from rmt.posttrain import summarize_eval
+
+    answers = [{"correct": c, "score": float(c), "status": "ok", "response_tokens": n, "think_tokens": n - 1}
+               for c, n in ((True, 4), (False, 6), (True, 8), (True, 2))]
+    out = summarize_eval(answers, ["a", "b", None, "a"])
+    assert out["correct"] == [1, 0, 1, 1]
+    assert out["n"] == 4 and out["accuracy"] == 0.75  # every answer, a record without a task included
+    assert sorted(out["by_task"]) == ["a", "b"]
+    assert out["by_task"]["a"]["n"] == 2 and out["by_task"]["a"]["accuracy"] == 1.0
+    assert out["by_task"]["a"]["mean_response_tokens"] == 3.0
+    assert out["by_task"]["b"]["accuracy"] == 0.0
+    assert "by_task" not in summarize_eval(answers, [None, 3, None, None])  # no task named as a string
+
+
 def test_summary_intervals_are_wilson_and_empty_is_uninformative():
     from rmt.posttrain import summarize
 
@@ -166,7 +181,7 @@ def _cfg(model_dir, data, out, *extra):
 @pytest.mark.slow
 def test_a_few_steps_raise_the_reward_on_an_easy_task(warm_model_dir, tmp_path):
     data = _write_jsonl(tmp_path / "train.jsonl", _questions(64, 2))
-    held = _write_jsonl(tmp_path / "held.jsonl", _questions(32, 3))
+    held = _write_jsonl(tmp_path / "held.jsonl", [{**q, "task": "ab"[i % 2]} for i, q in enumerate(_questions(32, 3))])
     cfg = _cfg(warm_model_dir, data, tmp_path / "run", "posttrain.steps=30", "posttrain.lr=3e-3", f"posttrain.eval_data={held}",
                "train.save_every=100", "posttrain.eval_every=10")
     run = posttrain(cfg)
@@ -182,6 +197,12 @@ def test_a_few_steps_raise_the_reward_on_an_easy_task(warm_model_dir, tmp_path):
     assert list(evals["curve"]) == ["0", "10", "20", "30"]
     assert evals["curve"]["0"] == evals["before"] and evals["curve"]["30"] == evals["after"]
     assert [r["step"] for r in read_metrics(run) if "eval_accuracy" in r] == [0, 10, 20, 30]
+    # each evaluation per task (the held-out records name one) and per question, in the file's order
+    after = evals["after"]
+    assert {t: v["n"] for t, v in after["by_task"].items()} == {"a": 16, "b": 16}
+    assert after["accuracy"] == sum(after["correct"]) / 32 == (after["by_task"]["a"]["accuracy"] + after["by_task"]["b"]["accuracy"]) / 2
+    assert [r["eval_accuracy_a"] for r in read_metrics(run) if "eval_accuracy_a" in r] == [
+        evals["curve"][k]["by_task"]["a"]["accuracy"] for k in ("0", "10", "20", "30")]
     assert (run / "final" / "model.safetensors").is_file()
 
 

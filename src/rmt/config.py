@@ -661,6 +661,11 @@ class PosttrainConfig(Section):
         None, ge=1, description="Also evaluate every N steps (an accuracy-vs-step curve in eval.json and the metrics); None = only "
         "before the first step and after the last."
     )
+    task_field: str = Field(
+        "task",
+        description="Field of the eval records that names a question's task (e.g. in-distribution vs transfer): eval.json then "
+        "also gives each evaluation per task ('by_task'). Records without it are counted in the overall accuracy only.",
+    )
     verifier: str = Field(
         "auto",
         description="Reward verifier: exact | math_verify | reasoning_gym | a user's 'package.module:function' called as "

@@ -304,6 +304,17 @@ def summarize(results: list[dict]) -> dict:
     }
 
 
+def summarize_eval(answers: list[dict], tasks: list) -> dict:
+    """``summarize`` of all the answers, with each question's correctness in order ("correct": 1 or 0, for paired
+    comparisons between runs on the same questions) and, when questions name a task (a string), a summary per task
+    ("by_task")."""
+    out = {**summarize(answers), "correct": [int(a["correct"]) for a in answers]}
+    named = sorted({t for t in tasks if isinstance(t, str)})
+    if named:
+        out["by_task"] = {t: summarize([a for a, u in zip(answers, tasks) if u == t]) for t in named}
+    return out
+
+
 def evaluate_questions(model, tokenizer, records, cfg: RMTConfig) -> dict:
     """Greedy accuracy on a question set: ``records`` are ``Question``s or dicts with posttrain.question_field and
     posttrain.answer_field. Returns ``summarize``'s dict."""
@@ -496,11 +507,14 @@ def _posttrain(cfg: RMTConfig, model, tokenizer, stop_at: int | None, held: cont
 
     def run_eval(at: int) -> None:
         """Greedy accuracy on the eval questions at step ``at``: eval.json ("before" = step 0, "after" = step T,
-        and "curve" by step) and eval_* metrics logged at that step."""
+        and "curve" by step, each with the per-question results and a summary per task) and eval_* metrics logged at
+        that step."""
         if not eval_qs:
             return
         mine = answer_questions(accelerator.unwrap_model(model), tokenizer, eval_qs[rank::world], cfg, verifier)
-        summary = summarize(gather_object(mine) if world > 1 else mine)
+        mine = list(zip(range(rank, len(eval_qs), world), mine))
+        answers = [a for _, a in sorted(gather_object(mine) if world > 1 else mine, key=lambda pair: pair[0])]
+        summary = summarize_eval(answers, [q.record.get(pcfg.task_field) for q in eval_qs])
         if accelerator.is_main_process:
             path = run_dir / EVAL_FILE
             results = _read_eval_file(path) if at > 0 else {}
@@ -510,7 +524,9 @@ def _posttrain(cfg: RMTConfig, model, tokenizer, stop_at: int | None, held: cont
             if at == T:
                 results["after"] = summary
             atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-            metrics_log.log(at, {f"eval_{k}": v for k, v in summary.items() if k != "accuracy_ci95"})
+            scalars = {f"eval_{k}": v for k, v in summary.items() if isinstance(v, int | float)}
+            scalars |= {f"eval_accuracy_{task}": v["accuracy"] for task, v in summary.get("by_task", {}).items()}
+            metrics_log.log(at, scalars)
         log.info("eval at step %d: accuracy %.3f (95%% CI %.3f-%.3f, n=%d)", at, summary["accuracy"], *summary["accuracy_ci95"], summary["n"])
 
     if start_step == 0:
