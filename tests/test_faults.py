@@ -405,6 +405,69 @@ def test_eval_checks_its_arguments_before_any_model_is_loaded(corpus, tmp_path, 
         ev.evaluate(_eval_cfg(corpus, tmp_path), {**models, "gone": str(tmp_path / "gone")}, tmp_path / "e.json")
 
 
+def test_an_evaluation_never_writes_over_a_file_it_did_not_write(corpus, tmp_path, monkeypatch, tiny_model_dir):
+    """`rmt eval --out` named at the corpus (or beside a markdown file of the user's) used to replace it with the
+    results; now a file there must be an evaluation (and a table) the tool wrote, checked before any model loads."""
+    import rmt.evaluate as ev
+
+    data = Path(next(o for o in corpus if o.startswith("data.path=")).split("=", 1)[1])
+    before = data.read_bytes()
+    real_load = ev._load
+    monkeypatch.setattr(ev, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    models = {"base": str(tiny_model_dir)}
+    with pytest.raises(RMTError, match=rf"evaluation output {data} exists and is not a file rmt wrote"):
+        ev.evaluate(_eval_cfg(corpus, tmp_path), models, data)
+    assert data.read_bytes() == before
+    notes = tmp_path / "e.md"
+    notes.write_text("my notes\n")
+    with pytest.raises(RMTError, match="evaluation table .*e.md exists and is not a file rmt wrote"):
+        ev.evaluate(_eval_cfg(corpus, tmp_path), models, tmp_path / "e.json")
+    assert notes.read_text() == "my notes\n"
+    from rmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ends in .md: name the results' JSON file"):
+        ev.evaluate(_eval_cfg(corpus, tmp_path), models, tmp_path / "f.md")
+    # its own results are replaced by a rerun
+    notes.unlink()
+    monkeypatch.setattr(ev, "_load", real_load)
+    ev.evaluate(_eval_cfg(corpus, tmp_path), models, tmp_path / "e.json")
+    ev.evaluate(_eval_cfg(corpus, tmp_path), models, tmp_path / "e.json")
+    assert notes.read_text().startswith(ev.TABLE_TITLE)
+
+
+def test_posttrain_eval_only_never_writes_over_its_question_file(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from rmt.cli import app
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    before = qa.read_bytes()
+    args = ["posttrain", "--eval-only", f"model.path={tiny_model_dir}", f"posttrain.data={qa}", "posttrain.eval_size=3",
+            "posttrain.verifier=exact", "posttrain.max_response_tokens=4", "--out"]
+    result = CliRunner().invoke(app, [*args, str(qa)])
+    assert result.exit_code == 1 and "exists and is not a file rmt wrote" in result.output
+    assert qa.read_bytes() == before
+    out = tmp_path / "r.json"
+    for _ in range(2):  # written, then replaced by the rerun
+        assert CliRunner().invoke(app, [*args, str(out)]).exit_code == 0
+    assert json.loads(out.read_text())["n"] == 3
+
+
+def test_only_a_small_json_object_with_the_keys_counts_as_the_tools_own(tmp_path):
+    path = tmp_path / "x.json"
+    for text, ours in (('{"results": 1, "eval_set": 2}', True), ('{"results": 1}', False), ("[1, 2]", False),
+                       ('{"results": 1, "eval_set": 2}\n{"results": 1, "eval_set": 2}\n', False), ("\xff", False)):
+        path.write_bytes(text.encode("latin-1"))
+        check = lambda: fileio.check_replaceable(path, "output", lambda t: fileio.json_object_with(t, "results", "eval_set"))  # noqa: E731
+        if ours:
+            check()
+        else:
+            with pytest.raises(RMTError, match="not a file rmt wrote"):
+                check()
+    fileio.check_replaceable(tmp_path / "missing.json", "output", lambda t: False)  # nothing there: nothing to lose
+
+
 def test_eval_writes_its_results_before_anything_else_can_fail(corpus, tmp_path, monkeypatch, tiny_model_dir):
     import rmt.evaluate as ev
 

@@ -236,10 +236,11 @@ def posttrain(
 
     cfg = _config(config, overrides)
     if eval_only:
-        from rmt.fileio import atomic_write_text, check_writable
+        from rmt.fileio import atomic_write_text, check_replaceable, check_writable, json_object_with
 
         if out:
             check_writable(out, "--out")  # before the work, not after it
+            check_replaceable(out, "--out", lambda text: json_object_with(text, "model", "verifier", "accuracy"))
         result = _run(stage.evaluate, cfg)
         text = json.dumps(result, indent=2) + "\n"
         sys.stdout.write(text)  # the results are out before anything else can fail

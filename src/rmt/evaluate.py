@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 EVAL_SET_FORMAT = 1  # bump when the drawing of the set changes for the same inputs
 RESULTS_FORMAT = 1
+TABLE_TITLE = "# Next-token accuracy by tier"  # the first line of the markdown table beside the results
 TIERS = tuple(TIER_NAMES[t] for t in RL_TIERS)  # ("easy", "medium", "hard")
 MODES = ("ntp", "reasoning")
 NTR_LABEL = "ntr"
@@ -650,7 +651,7 @@ def evaluate(cfg: RMTConfig, models: dict[str, str] | None = None, out: str | Pa
     add_relative_changes(results, baseline)
     evaluation["table_markdown"] = table = format_table(results, baseline, match_rule(cfg))
     atomic_write_text(out_path, json.dumps(evaluation, indent=2, ensure_ascii=False))
-    atomic_write_text(out_path.with_suffix(".md"), "# Next-token accuracy by tier\n\n" + table + "\n")
+    atomic_write_text(out_path.with_suffix(".md"), TABLE_TITLE + "\n\n" + table + "\n")
     log.info("evaluation written to %s and %s", out_path, out_path.with_suffix(".md"))
     return evaluation
 
@@ -693,7 +694,7 @@ def check_evaluation_plan(cfg: RMTConfig, models: dict[str, str], out_path: Path
     """Before any model is evaluated: every model folder exists, the row labels are distinct, eval.baseline names a
     row or a model, and the output files can be written."""
     from rmt.config import ConfigError
-    from rmt.fileio import check_writable
+    from rmt.fileio import check_replaceable, check_writable, json_object_with
     from rmt.modeling import check_local_path
 
     for name, path in models.items():
@@ -710,5 +711,10 @@ def check_evaluation_plan(cfg: RMTConfig, models: dict[str, str], out_path: Path
         resolve_baseline(planned, cfg.eval.baseline)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if out_path.suffix.lower() == ".md":
+        raise ConfigError(f"the evaluation output {out_path} ends in .md: name the results' JSON file; the table is written beside it as .md")
     check_writable(out_path, "evaluation output")
     check_writable(out_path.with_suffix(".md"), "evaluation table")
+    # a rerun replaces its own results; a corpus or any other file of the user's named by mistake is refused
+    check_replaceable(out_path, "evaluation output", lambda text: json_object_with(text, "results", "eval_set"))
+    check_replaceable(out_path.with_suffix(".md"), "evaluation table", lambda text: text.startswith(TABLE_TITLE))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -148,6 +149,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+OWN_FILE_MAX_BYTES = 64 << 20  # larger than any results file the tools write: a file above it is not one of theirs
+
+
+def check_replaceable(path: str | Path, what: str, ours) -> None:
+    """Before any work: a file already at ``path`` is one the tools wrote (``ours(text)`` is true of its text), so
+    writing over it loses nothing of the user's. A corpus, a question file or any other file named by mistake is
+    refused, and left as it is."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(OWN_FILE_MAX_BYTES + 1)
+        mine = len(head) <= OWN_FILE_MAX_BYTES and bool(ours(head.decode("utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        mine = False
+    if not mine:
+        raise RMTError(f"{what} {path} exists and is not a file rmt wrote; choose another path (the file is left as it is)")
+
+
+def json_object_with(text: str, *keys: str) -> bool:
+    """Whether ``text`` is a JSON object holding every one of ``keys`` (how the tools recognise their own results)."""
+    value = json.loads(text)
+    return isinstance(value, dict) and all(k in value for k in keys)
 
 
 def check_writable(path: str | Path, what: str = "output") -> None:
