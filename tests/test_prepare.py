@@ -69,6 +69,39 @@ def test_split_is_seeded_and_rerun_reuses(tmp_path, tiny_model_dir):
     assert datasets.load_from_disk(str(prepare_corpus(other) / "eval"))["doc_id"] == first
 
 
+def test_a_corpus_file_with_other_contents_is_not_taken_for_the_prepared_one(tmp_path, tiny_model_dir):
+    """The prepared corpus used to be reused after its source file was rewritten with other documents (it was
+    known by its path only): training then ran on the old text. A source whose size or time moved is compared by
+    digest: other contents are refused without output.overwrite (and prepared again with it); the same bytes
+    written again are still up to date, and their new stamp is recorded."""
+    import os
+    import shutil
+
+    src = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    cfg = cfg_for(tmp_path, tiny_model_dir, src)
+    out = prepare_corpus(cfg)
+    docs_before = datasets.load_from_disk(str(out / "train"))["doc_id"]
+    same = tmp_path / "copy.jsonl"
+    shutil.copyfile(src, same)
+    os.replace(same, src)  # the same bytes, a new modification time
+    mtime = (out / "train").stat().st_mtime_ns
+    assert prepare_corpus(cfg) == out and (out / "train").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert load_meta(out)["source_stamp"][0][0][2] == src.stat().st_mtime_ns  # the new stamp, recorded
+    write_jsonl(src, DOCS[::-1] + ["another document, added later, with some words in it"])
+    with pytest.raises(DataError, match=rf"{src} changed since the corpus in {out} was prepared from it; set output.overwrite=true"):
+        prepare_corpus(cfg)
+    assert datasets.load_from_disk(str(out / "train"))["doc_id"] == docs_before  # left as it was
+    prepare_corpus(cfg_for(tmp_path, tiny_model_dir, src, "output.overwrite=true"))
+    assert load_meta(out)["counts"]["train"]["documents"] + load_meta(out)["counts"]["eval"]["documents"] == len(DOCS) + 1
+    # a corpus prepared before sources were recorded is taken as it is
+    meta = load_meta(out)
+    for key in ("source_stamp", "source_digest"):
+        del meta[key]
+    (out / "meta.json").write_text(json.dumps(meta))
+    write_jsonl(src, DOCS)
+    assert prepare_corpus(cfg) == out
+
+
 def test_packing_fills_sequences(tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "c.jsonl", DOCS)
     out = prepare_corpus(cfg_for(tmp_path, tiny_model_dir, src, "data.pack=true"))

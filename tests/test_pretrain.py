@@ -144,6 +144,27 @@ def test_other_settings_in_the_same_folder_are_refused(math_corpus, tmp_path):
         train_base_model(tiny_cfg("pretrain.steps=3"), math_corpus, out, progress=False)
 
 
+def test_a_corpus_rewritten_under_the_same_name_is_another_pretraining(math_corpus, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(math_corpus.read_bytes())
+    out = tmp_path / "base"
+    train_base_model(tiny_cfg("pretrain.steps=2"), corpus, out, progress=False)
+    corpus.write_bytes(math_corpus.read_bytes())  # the same text written again: the same run, already finished
+    assert train_base_model(tiny_cfg("pretrain.steps=2"), corpus, out, progress=False)["steps"] == 2
+    corpus.write_text(math_corpus.read_text().replace("+", "-"))
+    with pytest.raises(CheckpointError, match=f"made with other contents of {corpus}"):
+        train_base_model(tiny_cfg("pretrain.steps=2"), corpus, out, progress=False)
+
+
+@pytest.mark.parametrize("damaged", ["pretrain_run.json", "pretrain_done.json"])
+def test_a_damaged_record_of_a_pretraining_is_named(math_corpus, tmp_path, damaged):
+    out = tmp_path / "base"
+    train_base_model(tiny_cfg("pretrain.steps=2"), math_corpus, out, progress=False)
+    (out / damaged).write_text('{"corpus": ')
+    with pytest.raises(CheckpointError, match=f"{damaged} is damaged"):
+        train_base_model(tiny_cfg("pretrain.steps=2"), math_corpus, out, progress=False)
+
+
 def test_cli_pretrain_on_a_corpus_and_a_clear_error(math_corpus, tmp_path):
     from typer.testing import CliRunner
 

@@ -151,6 +151,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def _files_under(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+
+
+def source_stamp(path: str | Path) -> list:
+    """Size and modification time of a corpus file, or of each file under a corpus folder (by relative name): a
+    change that needs no reading to see. Equal stamps are taken as the same contents (as ``make`` does)."""
+    path = Path(path)
+    return [[str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns] for f in _files_under(path)]
+
+
+def source_digest(path: str | Path) -> str:
+    """SHA-256 of a corpus file's bytes, or of each file's relative name and bytes under a corpus folder: whether
+    the contents changed when the stamp did (a file copied or written again with the same bytes has not)."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _files_under(path):
+        h.update(f"{f.relative_to(path) if f != path else ''}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 OWN_FILE_MAX_BYTES = 64 << 20  # larger than any results file the tools write: a file above it is not one of theirs
 
 

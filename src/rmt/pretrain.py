@@ -29,7 +29,7 @@ import torch
 
 from rmt.config import PretrainConfig, RMTConfig
 from rmt.errors import CheckpointError, DataError
-from rmt.fileio import atomic_write_text
+from rmt.fileio import atomic_write_text, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,22 @@ def is_complete(output_dir: str | Path) -> bool:
 def _run_identity(pcfg: PretrainConfig, corpus: Path, tokenizer_dir: Path | None, text_field: str) -> dict:
     return {
         "corpus": str(corpus.resolve()),
+        "corpus_digest": source_digest(corpus) if corpus.exists() else None,  # the same path with other text is another run
         "tokenizer": str(tokenizer_dir.resolve()) if tokenizer_dir else None,
         "text_field": text_field,
         "pretrain": weight_settings(pcfg),
     }
+
+
+def _read_record(path: Path, remedy: str) -> dict:
+    """One of the run's own JSON records (written atomically, so damaged only by hand): CheckpointError naming it."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict):
+            return record
+    except (ValueError, OSError):
+        pass
+    raise CheckpointError(f"{path} is damaged (not the JSON record pretraining wrote); {remedy}")
 
 
 def _load_or_train_tokenizer(out: Path, tokenizer_dir: Path | None, texts: list[str], vocab_size: int):
@@ -307,14 +319,18 @@ def train_base_model(
     text_field = text_field or cfg.data.text_field
     identity = _run_identity(pcfg, corpus, tokenizer_dir, text_field)
     if (out / RUN_FILE).is_file():
-        previous = json.loads((out / RUN_FILE).read_text())
+        previous = _read_record(out / RUN_FILE, "restore it, or delete the folder to train again")
+        if "corpus_digest" not in previous:  # a folder written before the corpus' contents were recorded
+            identity = {k: v for k, v in identity.items() if k != "corpus_digest"}
         if previous != identity:
+            settings = [{k: v for k, v in d.items() if k != "corpus_digest"} for d in (previous, identity)]
+            what = "other settings" if settings[0] != settings[1] else f"other contents of {corpus}"
             raise CheckpointError(
-                f"{out} holds a pretraining with other settings; choose another pretrain.output_dir or delete it"
+                f"{out} holds a pretraining made with {what}; choose another pretrain.output_dir or delete it"
             )
         if is_complete(out):
             log.info("%s is already trained; nothing to do", out)
-            return json.loads((out / DONE_FILE).read_text())
+            return _read_record(out / DONE_FILE, "delete it to finish the run again from its last checkpoint")
     elif out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not a pretraining folder; choose another pretrain.output_dir")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from rmt.config import RMTConfig
 from rmt.data.readers import read_documents
 from rmt.errors import DataError
-from rmt.fileio import exclusive, is_orphan, remove_orphans, swap_into_place, temp_prefix
+from rmt.fileio import atomic_write_text, exclusive, is_orphan, remove_orphans, source_digest, source_stamp, swap_into_place, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,25 @@ def prepare_meta(cfg: RMTConfig, tokenizer, sources) -> dict:
         "vocab_size": len(tokenizer),
         "data": cfg.data.model_dump(mode="json", exclude={"prepared_dir"} | _unused_fields(cfg, sources)),
     }
+
+
+# What meta.json records of the result and of the source files, beside the settings that make the corpus.
+SOURCE_RECORD = ("counts", "source_stamp", "source_digest")
+
+
+def changed_sources(out: Path, old: dict, sources, stamps: list) -> list[str]:
+    """The sources whose contents differ from those ``out`` was prepared from: a source whose size or modification
+    time moved is read and compared by digest; one with the same bytes (copied, or written again) gets its new
+    stamp recorded. A corpus prepared before sources were recorded is taken as it is."""
+    if "source_digest" not in old:
+        return []
+    if old.get("source_stamp") == stamps:
+        return []
+    digests = [source_digest(p) for p, _ in sources]
+    changed = [str(p) for (p, _), new, was in zip(sources, digests, old["source_digest"]) if new != was]
+    if not changed:
+        atomic_write_text(out / "meta.json", json.dumps({**old, "source_stamp": stamps}, indent=2))
+    return changed
 
 
 def _unused_fields(cfg: RMTConfig, sources) -> set[str]:
@@ -278,6 +297,7 @@ def _prepare(cfg: RMTConfig, out: Path, sources, tokenizer) -> Path:
 
         check_model_context(cfg, resolve_model_path(cfg))
     meta = prepare_meta(cfg, tokenizer, sources)
+    stamps = [source_stamp(p) for p, _ in sources]  # before reading: a change made while preparing shows next time
     if (out / "meta.json").is_file():
         try:
             old = load_meta(out)
@@ -285,10 +305,17 @@ def _prepare(cfg: RMTConfig, out: Path, sources, tokenizer) -> Path:
             if not cfg.output.overwrite:
                 raise
             old = {}
-        if {k: v for k, v in old.items() if k != "counts"} == meta:
-            log.info("prepared corpus in %s is up to date; reusing it", out)
-            return out
-        if not cfg.output.overwrite:
+        if {k: v for k, v in old.items() if k not in SOURCE_RECORD} == meta:
+            changed = changed_sources(out, old, sources, stamps)
+            if not changed:
+                log.info("prepared corpus in %s is up to date; reusing it", out)
+                return out
+            if not cfg.output.overwrite:
+                raise DataError(
+                    f"{', '.join(changed)} changed since the corpus in {out} was prepared from it; set "
+                    "output.overwrite=true to prepare it again, or choose another data.prepared_dir"
+                )
+        elif not cfg.output.overwrite:
             raise DataError(
                 f"{out} holds a corpus prepared with other settings or another tokenizer; "
                 "choose another data.prepared_dir or set output.overwrite=true to replace it"
@@ -333,7 +360,8 @@ def _prepare(cfg: RMTConfig, out: Path, sources, tokenizer) -> Path:
             raise DataError(empty_eval_message(cfg, source, stats))
         del rows
         shutil.rmtree(tmp / "cache", ignore_errors=True)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "counts": counts}, indent=2))
+        digests = [source_digest(p) for p, _ in sources]
+        (tmp / "meta.json").write_text(json.dumps({**meta, "counts": counts, "source_stamp": stamps, "source_digest": digests}, indent=2))
         _replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
