@@ -468,6 +468,40 @@ def test_only_a_small_json_object_with_the_keys_counts_as_the_tools_own(tmp_path
     fileio.check_replaceable(tmp_path / "missing.json", "output", lambda t: False)  # nothing there: nothing to lose
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "no weights", "a file"])
+def test_a_damaged_model_is_found_before_any_model_is_evaluated(corpus, tmp_path, monkeypatch, tiny_model_dir, damage):
+    """`rmt eval` evaluated the good model first, then failed to load the damaged one and wrote nothing: the good
+    model's results were lost. Each local folder's weights are read (headers only) before any work."""
+    import rmt.evaluate as ev
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        shutil.rmtree(bad)
+        bad.write_text("not a model")
+    monkeypatch.setattr(ev, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    expected = {"truncated weights": "model.safetensors is unreadable", "no weights": "holds no weights",
+                "a file": "is a file, not a model folder"}[damage]
+    with pytest.raises(ModelError, match=expected):
+        ev.evaluate(_eval_cfg(corpus, tmp_path), {"good": str(tiny_model_dir), "bad": str(bad)}, tmp_path / "e.json")
+
+
+def test_a_damaged_scores_summary_is_named(corpus, tmp_path):
+    import rmt.evaluate as ev
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(Path(next(o for o in corpus if o.startswith("data.prepared_dir=")).split("=", 1)[1]), prepared)
+    (prepared / "scores" / "summary.json").write_text('{"thresholds": [0.5,')
+    cfg = load_config(None, [*corpus, f"data.prepared_dir={prepared}"])
+    with pytest.raises(DataError, match=r"summary.json is damaged .*run `rmt score` again"):
+        ev.eval_set_identity(cfg, [])
+
+
 def test_eval_writes_its_results_before_anything_else_can_fail(corpus, tmp_path, monkeypatch, tiny_model_dir):
     import rmt.evaluate as ev
 

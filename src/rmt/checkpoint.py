@@ -151,6 +151,32 @@ def model_folder_problem(folder: Path) -> str | None:
     return None
 
 
+def weights_problem(folder: str | Path) -> str | None:
+    """What keeps a local model folder's weights from loading, found without loading them: a file named instead of
+    a folder, no weights, a safetensors file whose header does not read (a truncated copy), or what
+    ``model_folder_problem`` finds in a folder the tools wrote. None when they read, or for a name that is no local
+    path (a hub model, checked when it loads)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if folder.is_file():
+        return "it is a file, not a model folder"
+    if not folder.is_dir():
+        return None
+    if (folder / MANIFEST_FILE).is_file():
+        return model_folder_problem(folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any(folder.glob("*.bin")):
+        return "it holds no weights (no *.safetensors file)"
+    for path in shards:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                list(f.keys())
+        except Exception as e:  # noqa: BLE001 - the library's error, named
+            return f"{path.name} is unreadable ({e})"
+    return None
+
+
 def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / STATE_FILE
     try:

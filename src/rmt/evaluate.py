@@ -117,7 +117,14 @@ def _split_digest(ds) -> str:
 def eval_set_identity(cfg: RMTConfig, ds) -> dict:
     prepared = Path(cfg.data.prepared_dir)
     summary_path = prepared / "scores" / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise DataError(f"{summary_path} is damaged ({e}); run `rmt score` again, which writes it anew") from None
+        if not isinstance(summary, dict):
+            raise DataError(f"{summary_path} is damaged (not a JSON object); run `rmt score` again, which writes it anew")
     return {
         "format": EVAL_SET_FORMAT,
         "positions_per_tier": cfg.eval.positions_per_tier,
@@ -694,11 +701,16 @@ def check_evaluation_plan(cfg: RMTConfig, models: dict[str, str], out_path: Path
     """Before any model is evaluated: every model folder exists, the row labels are distinct, eval.baseline names a
     row or a model, and the output files can be written."""
     from rmt.config import ConfigError
+    from rmt.checkpoint import weights_problem
     from rmt.fileio import check_replaceable, check_writable, json_object_with
     from rmt.modeling import check_local_path
 
     for name, path in models.items():
-        check_local_path(_model_folder(path), f"model {name}")
+        folder = _model_folder(path)
+        check_local_path(folder, f"model {name}")
+        problem = weights_problem(folder)
+        if problem:  # found now, not after the models before it were evaluated and their results lost
+            raise ModelError(f"model {name} ({folder}): {problem}; nothing was evaluated")
     modes = [m for m in MODES if m in cfg.eval.modes]
     planned: dict[str, dict] = {}
     for name in models:

@@ -42,6 +42,8 @@ def check_local_path(path: str, what: str) -> None:
     a bare name (``base_model``, no ``/``) that is no folder here and that the hub, asked once, does not have."""
     if looks_local(path) and not Path(os.path.expanduser(str(path))).exists():
         raise ModelError(f"{what}: no such folder: {path}{_did_you_mean(str(path))}")
+    if Path(os.path.expanduser(str(path))).is_file():
+        raise ModelError(f"{what}: {path} is a file, not a model folder")
     if "/" not in str(path) and not Path(str(path)).exists():
         problem = _bare_name_problem(str(path))
         if problem:
