@@ -95,6 +95,14 @@ def test_yaml_file_with_base_and_override(tmp_path):
     assert cfg.reward.match == "prefix" and cfg.budget.b0 == 64 and cfg.budget.b_min == 2
 
 
+@pytest.mark.parametrize("base", ["5", "[rmt]", "{name: rmt}"])
+def test_a_base_that_is_not_a_string_is_an_error_naming_the_file(tmp_path, base):
+    f = tmp_path / "mine.yaml"
+    f.write_text(f"base: {base}\nbudget: {{b0: 64}}\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: `base` must be a preset name or a path"):
+        load_config(str(f))
+
+
 def test_every_field_is_documented():
     rows = describe_fields()
     assert len(rows) > 60

@@ -88,3 +88,36 @@ def test_jsonl_identity_does_not_depend_on_text_settings(tmp_path, tiny_model_di
     out = prepare_corpus(_cfg(tmp_path, tiny_model_dir, src))
     assert "document_split" not in load_meta(out)["data"]
     prepare_corpus(_cfg(tmp_path, tiny_model_dir, src, "data.document_chars=300"))  # the same corpus: reused, no error
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"text": "bad \\ud800 x"}', r"c\.jsonl:2: field 'text' holds a lone surrogate '\\ud800' at character 4"),
+        ('{"text": "x", "computed_spans": [[1e999, 3]]}', r"c\.jsonl:2: computed_spans must be a list of \[start, end\] pairs"),
+        ("[1, 2, 3]", r"c\.jsonl:2: not a JSON object"),
+    ],
+    ids=["lone_surrogate", "span_beyond_float", "not_an_object"],
+)
+def test_jsonl_lines_that_are_not_documents_are_errors_naming_the_line(tmp_path, line, message):
+    from rmt.data.readers import read_documents
+
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        list(read_documents(src))
+
+
+def test_parquet_text_that_is_not_utf8_is_an_error_naming_the_row(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rmt.data.readers import read_documents
+
+    values = [b"fine", b"also fine", b"bad \xed\xa0\x80 x"]  # an encoded surrogate: Arrow does not check its strings
+    offsets = np.cumsum([0, *map(len, values)]).astype(np.int32)
+    text = pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))])
+    pq.write_table(pa.table({"text": text, "other": ["a", "b", "c"]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c\.parquet: row 2 \(counting from 0\) of column 'text' is not UTF-8 text"):
+        list(read_documents(tmp_path / "c.parquet"))

@@ -77,3 +77,65 @@ def test_the_final_table_shows_the_pre_flight_rate(runs, tmp_path):
     assert "| pre-flight well-formed |" in text
     rows = {ln.split("|")[1].strip(): ln.split("|")[-2].strip() for ln in text.splitlines() if ln.startswith("| r") or ln.startswith("| n")}
     assert rows["rmt"] == "75%" and rows["ntp"] == "–"
+
+
+def _evaluation(tmp_path, **change):
+    """An evaluation JSON of `rmt eval` with the hard tier's stats or the average of its one row changed."""
+    hard = {"n": 4, "correct": 2, "accuracy": 0.5, "ci95": [0.15, 0.85]}
+    row = {"tiers": {"easy": {"n": 0, "accuracy": None, "ci95": None}, "medium": {"n": 0, "accuracy": None, "ci95": None},
+                     "hard": hard}, "average": 0.5}
+    row["average"] = change.pop("average", row["average"])
+    hard.update(change)
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"results": {"m": row}, "table_markdown": "| m |"}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"accuracy": "0.5"}, "results.m.tiers.hard.accuracy"), ({"average": "n/a"}, "results.m.average"),
+     ({"ci95": [0.1]}, "results.m.tiers.hard.ci95"), ({"ci95": ["0.1", 0.9]}, "results.m.tiers.hard.ci95")],
+    ids=["accuracy_text", "average_text", "ci95_one_value", "ci95_text"],
+)
+def test_an_evaluation_with_values_of_the_wrong_type_is_an_error_and_writes_nothing(runs, tmp_path, change, field):
+    from rmt.errors import RMTError
+
+    with pytest.raises(RMTError, match=rf"e\.json: `{field}` is "):
+        report.write_report(runs, tmp_path / "out", evaluation=_evaluation(tmp_path, **change))
+    assert not (tmp_path / "out").exists()
+    assert report.write_report(runs, tmp_path / "out", evaluation=_evaluation(tmp_path)).is_file()  # the valid one
+
+
+def test_a_failed_write_keeps_the_earlier_report(runs, tmp_path, monkeypatch):
+    import errno
+    import io
+    import os
+
+    path = report.write_report(runs, tmp_path / "out")
+    before = path.read_text()
+    real_open = io.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) does: no file named
+
+    def full_text_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Full(f) if "w" in mode and "b" not in mode else f
+
+    monkeypatch.setattr(io, "open", full_text_open)
+    with pytest.raises(OSError, match="No space left") as e:
+        report.write_report(runs, tmp_path / "out")
+    monkeypatch.undo()
+    assert e.value.filename == str(path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []  # no temporary file left

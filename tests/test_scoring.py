@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rmt.scoring as scoring
 from rmt.config import load_config
-from rmt.data.prepare import corpus_lock, prepare_corpus
+from rmt.data.prepare import corpus_lock, load_split, prepare_corpus
 from rmt.errors import DataError, ModelError
 from rmt.scoring import (
     assign_tiers,
@@ -440,3 +441,51 @@ def test_mismatched_tokenizer_or_model_is_an_error(prepared, tmp_path, tiny_mode
 def test_scoring_without_prepared_corpus_is_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="rmt prepare"):
         score_corpus(load_config(None, [f"model.path={tiny_model_dir}", f"data.prepared_dir={tmp_path / 'none'}"]))
+
+
+def test_a_damaged_scorer_json_is_written_again_when_no_score_depends_on_it(prepared, caplog):
+    """scores/scorer.json cut short (a kill or a full disk while it was written) with the scores it names: written
+    again when tiers.json (written after the last shard) names this scorer or no shard exists; an error naming it
+    when the shards' scorer is unknown, until output.overwrite=true scores them again from scratch."""
+    cfg = prepared()
+    first = score_corpus(cfg)
+    scores = Path(cfg.data.prepared_dir) / "scores"
+    identity = (scores / "scorer.json").read_text()
+    caplog.set_level(logging.WARNING, logger="rmt.scoring")
+    for damaged in ("", '{"reference_model": "', "[1, 2]"):
+        (scores / "scorer.json").write_text(damaged)
+        assert score_corpus(cfg) == first
+        assert (scores / "scorer.json").read_text() == identity
+        assert any("scorer.json is damaged" in r.getMessage() for r in caplog.records)
+    (scores / "scorer.json").write_text("")
+    (scores / "tiers.json").unlink()
+    with pytest.raises(DataError, match=r"scorer\.json is damaged\); set output\.overwrite=true"):
+        score_corpus(cfg)
+    assert (scores / "scorer.json").read_text() == "" and list((scores / "train").glob("shard-*")), "nothing removed"
+    assert score_corpus(cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": True})})) == first
+    for split in ("train", "eval"):  # no shard: nothing depends on the damaged file
+        shutil.rmtree(scores / split)
+    (scores / "scorer.json").write_text("")
+    (scores / "tiers.json").unlink()
+    assert score_corpus(cfg) == first
+
+
+def test_a_damaged_score_shard_is_scored_again(prepared, monkeypatch, caplog):
+    cfg = prepared()
+    first = score_corpus(cfg)
+    prep = Path(cfg.data.prepared_dir)
+    scores = prep / "scores"
+    (scores / "tiers.json").unlink()  # the tiers are derived from the shards again
+    shard = scores / "train" / "shard-00001"
+    for arrow in (shard / "data").glob("*.arrow"):  # a new file in its place, cut short
+        data = arrow.read_bytes()
+        arrow.unlink()
+        arrow.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError, match=r"shard-00001/data is damaged .*; run `rmt score` again"):
+        scoring._with_entropies(prep, "train", load_split(prep / "train", ""))
+    real, calls = scoring.score_batch, []
+    monkeypatch.setattr(scoring, "score_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    caplog.set_level(logging.WARNING, logger="rmt.scoring")
+    assert score_corpus(cfg) == first
+    assert len(calls) == 3, "only the damaged shard (7 sequences in batches of 3) was scored again"
+    assert any("shard-00001/data is damaged" in r.getMessage() for r in caplog.records)

@@ -133,16 +133,22 @@ def case_trainer_state_without_rng(tmp_path, corpus, unfinished_run):
 def case_disk_full(tmp_path, corpus, unfinished_run):
     """`rmt report` on a full disk (a write that fails with ENOSPC and says no file, as write(2) does)."""
     patch = """
-        import errno, os, pathlib
+        import errno, io, os
 
-        real = pathlib.Path.write_text
+        real = io.open
 
-        def full_write_text(self, *a, **k):
-            if self.name == "report.md":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real(self, *a, **k)
+        class Full:
+            def __init__(self, f): self.f = f
+            def __enter__(self): return self
+            def __exit__(self, *exc): self.f.close()
+            def write(self, text): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        pathlib.Path.write_text = full_write_text
+        def full_open(file, mode="r", *a, **k):  # report.md, or the temporary file that is renamed to it
+            f = real(file, mode, *a, **k)
+            name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+            return Full(f) if "report.md" in os.path.basename(name) and "w" in mode else f
+
+        io.open = full_open
     """
     return (["report", str(unfinished_run[0]), "-o", str(tmp_path / "rep")], patch), ["No space left on device", "report.md"], {1}
 
@@ -183,6 +189,31 @@ def case_seq_len_beyond_the_context(tmp_path, corpus, unfinished_run):
 def case_report_of_a_file_that_is_no_evaluation(tmp_path, corpus, unfinished_run):
     (tmp_path / "e.json").write_text(json.dumps([1, 2, 3]))
     return ["report", "--eval", str(tmp_path / "e.json"), "-o", str(tmp_path / "rep")], ["e.json", "not an evaluation"], {1}
+
+
+def case_report_of_an_evaluation_with_a_text_accuracy(tmp_path, corpus, unfinished_run):
+    hard = {"n": 4, "correct": 2, "accuracy": "0.5", "ci95": [0.15, 0.85]}
+    (tmp_path / "e.json").write_text(json.dumps({"results": {"m": {"tiers": {"hard": hard}, "average": 0.5}}}))
+    return ["report", "--eval", str(tmp_path / "e.json"), "-o", str(tmp_path / "rep")], ["e.json", "results.m.tiers.hard.accuracy"], {1}
+
+
+def case_config_base_that_is_not_a_string(tmp_path, corpus, unfinished_run):
+    (tmp_path / "bad.yaml").write_text("base: 5\n")
+    return ["config", "-c", str(tmp_path / "bad.yaml")], ["bad.yaml", "`base` must be a preset name or a path"], {2}
+
+
+def case_jsonl_line_with_a_lone_surrogate(tmp_path, corpus, unfinished_run):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine text"}\n{"text": "bad \\ud800 x"}\n')
+    overrides = [o for o in corpus[1] if not o.startswith(("data.path=", "data.prepared_dir="))]
+    args = ["prepare", *overrides, f"data.path={tmp_path / 'c.jsonl'}", f"data.prepared_dir={tmp_path / 'p'}"]
+    return args, ["c.jsonl:2", "lone surrogate"], {1}
+
+
+def case_damaged_scorer_json(tmp_path, corpus, unfinished_run):
+    overrides = _copy_corpus(corpus, tmp_path)
+    (tmp_path / "prep" / "scores" / "scorer.json").write_text("")  # cut short: which scorer made the shards is unknown
+    (tmp_path / "prep" / "scores" / "tiers.json").unlink()
+    return ["score", *overrides], ["scorer.json is damaged", "output.overwrite=true"], {1}
 
 
 def case_report_of_a_missing_evaluation(tmp_path, corpus, unfinished_run):

@@ -824,6 +824,8 @@ def _load_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: `base` must be a preset name or a path to a YAML file (a string), got {base!r}")
     base_path = resolve_preset(base) if not Path(base).is_absolute() and not (path.parent / base).is_file() else (
         Path(base) if Path(base).is_absolute() else path.parent / base
     )

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from rmt.errors import RMTError
-from rmt.fileio import naming_errors
+from rmt.fileio import atomic_write_text
 from rmt.run_dir import read_metrics
 
 TIERS = ("easy", "medium", "hard")
@@ -191,7 +191,25 @@ def read_evaluation(path: str | Path) -> dict:
         raise RMTError(f"{path} is not an evaluation of `rmt eval` (no `results` with per-tier rows)")
     if not isinstance(data.get("table_markdown", ""), str):
         raise RMTError(f"{path}: `table_markdown` is not text")
+    for name, res in results.items():
+        _check_number(path, f"results.{name}.average", res.get("average"))
+        for tier in TIERS:
+            stats = res["tiers"].get(tier) or {}
+            _check_number(path, f"results.{name}.tiers.{tier}.accuracy", stats.get("accuracy"))
+            ci = stats.get("ci95")
+            if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))):
+                raise RMTError(f"{path}: `results.{name}.tiers.{tier}.ci95` is {ci!r}, not a pair of numbers [low, high]")
     return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_number(path: Path, field: str, value) -> None:
+    """A number or None (`rmt eval` writes None for a tier without positions)."""
+    if value is not None and not _is_number(value):
+        raise RMTError(f"{path}: `{field}` is {value!r}, not a number")
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: str | Path | None = None) -> Path:
@@ -226,8 +244,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: st
         vals.append("–" if pre is None else f"{100 * pre:.0f}%")
         lines.append(f"| {name} | {last['step']} | " + " | ".join(vals) + " |")
     path = out / "report.md"
-    with naming_errors(path):
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

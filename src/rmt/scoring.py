@@ -9,9 +9,9 @@ because reasoning could win there. They are left out of the quantile boundaries 
 summary counts how many positions of each tier they would have filled.
 
 Scores are written shard by shard (``scores/<split>/shard-NNNNN``, each moved into place only when complete),
-so an interrupted run resumes at the first missing shard. When every shard exists, the tiers are computed and the
-scored corpus ``scored/<split>`` (input_ids, computed, entropy, tier) is written for the trainer and evaluation,
-together with ``scores/summary.json`` (thresholds, tier counts, entropy histogram).
+so an interrupted run resumes at the first missing shard (a damaged one is scored again). When every shard exists,
+the tiers are computed and the scored corpus ``scored/<split>`` (input_ids, computed, entropy, tier) is written for
+the trainer and evaluation, together with ``scores/summary.json`` (thresholds, tier counts, entropy histogram).
 """
 
 from __future__ import annotations
@@ -230,7 +230,12 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
     scfg = cfg.scoring
     n = len(split_ds)
     n_shards = math.ceil(n / scfg.shard_sequences)
-    todo = [i for i in range(n_shards) if i % world == rank and not (out_dir / f"shard-{i:05d}").is_dir()]
+    todo = [
+        i
+        for i in range(n_shards)
+        if i % world == rank
+        and not _complete_shard(out_dir / f"shard-{i:05d}", min(scfg.shard_sequences, n - i * scfg.shard_sequences))
+    ]
     if not todo:
         return
     remaining_tokens = sum(
@@ -259,6 +264,25 @@ def _score_split(model, split_ds, out_dir: Path, cfg: RMTConfig, pad_id: int, sp
         ).save_to_disk(str(tmp / "data"))
         tmp.rename(out_dir / f"shard-{shard:05d}")  # atomic: a shard is either complete or absent
     bar.close()
+
+
+def _complete_shard(path: Path, rows: int) -> bool:
+    """Whether the score shard ``path`` is there and loads with its ``rows`` rows. A damaged one (a full disk or a
+    copy cut short: its writer moves only complete shards into place) is removed with a warning, to be scored again."""
+    from rmt.data.prepare import load_split
+
+    if not path.is_dir():
+        return False
+    try:
+        found = len(load_split(path / "data", "scoring it again"))
+        problem = f"score shard {path} is damaged ({found} rows for {rows} sequences); scoring it again"
+    except DataError as e:
+        found, problem = None, str(e)
+    if found == rows:
+        return True
+    log.warning("%s", problem)
+    shutil.rmtree(path)
+    return False
 
 
 def score_corpus(cfg: RMTConfig, model=None, tokenizer=None) -> dict:
@@ -301,15 +325,15 @@ def _score_and_tier(cfg: RMTConfig, prepared: Path, prep_meta: dict, state, mode
     identity = _scorer_identity(cfg, ref_path, prep_meta)
     id_path = scores_dir / "scorer.json"
     if state.is_main_process:
-        if id_path.is_file() and json.loads(id_path.read_text()) != identity:
+        recorded = _recorded_scorer(scores_dir, identity)
+        if recorded is not None and recorded != identity:
             if not cfg.output.overwrite:
-                raise DataError(
-                    f"{scores_dir} holds scores from another reference model or setting; "
-                    "set output.overwrite=true to score again from scratch"
-                )
+                what = "from another reference model or setting" if recorded else f"of an unknown scorer ({id_path} is damaged)"
+                raise DataError(f"{scores_dir} holds scores {what}; set output.overwrite=true to score again from scratch")
             shutil.rmtree(scores_dir)
         scores_dir.mkdir(parents=True, exist_ok=True)
-        id_path.write_text(json.dumps(identity, indent=2))
+        if recorded != identity:
+            atomic_write_text(id_path, json.dumps(identity, indent=2))
     state.wait_for_everyone()
 
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -335,6 +359,26 @@ def _score_and_tier(cfg: RMTConfig, prepared: Path, prep_meta: dict, state, mode
 TIERS_FILE = "tiers.json"  # in scores/: the settings the scored splits were tiered with, written last
 
 
+def _recorded_scorer(scores_dir: Path, identity: dict) -> dict | None:
+    """The scorer identity in scores/scorer.json; None when there is none. A damaged file (cut short by a kill or a
+    full disk) counts as none when no shard depends on it or tiers.json, written after the last shard, names this
+    scorer; otherwise it is ``{}``: the shards' scorer is unknown."""
+    id_path = scores_dir / "scorer.json"
+    if not id_path.is_file():
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads(id_path.read_text(encoding="utf-8"))
+        if isinstance(recorded, dict):
+            return recorded
+    vouched = False
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        vouched = json.loads((scores_dir / TIERS_FILE).read_text(encoding="utf-8")).get("scorer") == identity
+    if vouched or not any(scores_dir.glob("*/shard-*")):
+        log.warning("%s is damaged; no scores of another scorer depend on it, so it is written again", id_path)
+        return None
+    return {}
+
+
 def _tiered_summary(prepared: Path, tiering: dict) -> dict | None:
     """The summary of the scored splits when they were tiered from these scores with these settings and load;
     None when they must be written (again)."""
@@ -357,11 +401,14 @@ def _with_entropies(prepared: Path, split: str, ds):
     """The prepared split with its ``entropy`` column joined from the score shards."""
     import datasets
 
+    from rmt.data.prepare import load_split
+
     shard_dir = prepared / "scores" / split
     shards = sorted(p for p in shard_dir.glob("shard-*") if p.is_dir()) if shard_dir.exists() else []
     if len(ds) == 0:
         return ds.add_column("entropy", [])
-    ent = datasets.concatenate_datasets([datasets.load_from_disk(str(p / "data")) for p in shards]) if shards else None
+    remedy = "run `rmt score` again to score it again"
+    ent = datasets.concatenate_datasets([load_split(p / "data", remedy) for p in shards]) if shards else None
     if ent is None or len(ent) != len(ds):
         raise DataError(f"{shard_dir}: {0 if ent is None else len(ent)} scored rows for {len(ds)} sequences (incomplete scoring)")
     return datasets.concatenate_datasets([ds, ent], axis=1)

@@ -136,11 +136,20 @@ def read_jsonl(path: Path, field: str, errors: str) -> Iterator[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
+                if not isinstance(record, dict):
+                    raise DataError(f'{f}:{lineno}: not a JSON object; each line must be one, like {{"{field}": ...}}')
+                if field not in record:
                     raise DataError(f"{f}:{lineno}: no field {field!r} (set data.text_field to the field holding the text)")
                 text = record[field]
                 if not isinstance(text, str):
                     raise DataError(f"{f}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # an escape such as "\ud800" is valid JSON but no character
+                    raise DataError(
+                        f"{f}:{lineno}: field {field!r} holds a lone surrogate {text[e.start]!a} at character {e.start}, "
+                        "which is not text (UTF-8 cannot encode it); fix the line"
+                    ) from None
                 yield {"text": text, "computed_spans": _spans(record.get("computed_spans"), f"{f}:{lineno}")}
 
 
@@ -149,7 +158,7 @@ def _spans(spans, where: str) -> list[list[int]]:
         return []
     try:
         return [[int(a), int(b)] for a, b in spans]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a number too large for a float (1e999)
         raise DataError(f"{where}: computed_spans must be a list of [start, end] pairs") from None
 
 
@@ -176,11 +185,17 @@ def read_table(path: Path, fmt: str, field: str) -> Iterator[dict]:
     if field not in ds.column_names:
         raise DataError(f"{path}: no column {field!r}; columns are {ds.column_names} (set data.text_field)")
     has_spans = "computed_spans" in ds.column_names
-    for row in ds:
-        text = row[field]
-        if not isinstance(text, str):
-            raise DataError(f"{path}: column {field!r} holds {type(text).__name__}, not strings")
-        yield {"text": text, "computed_spans": _spans(row["computed_spans"], str(path)) if has_spans else []}
+    ds = ds.select_columns(sorted({field, "computed_spans"} & set(ds.column_names)))  # the other columns are not read
+    n = 0
+    try:
+        for row in ds:
+            text = row[field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}: column {field!r} holds {type(text).__name__}, not strings")
+            yield {"text": text, "computed_spans": _spans(row["computed_spans"], str(path)) if has_spans else []}
+            n += 1
+    except UnicodeDecodeError as e:  # Arrow strings are not checked when written: bytes that are not UTF-8
+        raise DataError(f"{path}: row {n} (counting from 0) of column {field!r} is not UTF-8 text ({e.reason})") from None
 
 
 def read_documents(path: str | Path, fmt: str = "auto", field: str = "text", errors: str = "strict",
