@@ -555,6 +555,13 @@ def test_a_damaged_line_inside_the_metrics_is_named(tmp_path):
         read_metrics(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
     assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    # a kill can also cut a character of a sample's text in two (samples.jsonl keeps non-ASCII text as it is)
+    torn = '{"step": 1}\n{"step": 2, "response": "caf\u00e9'.encode()[:-1]
+    (tmp_path / "metrics.jsonl").write_bytes(torn)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    (tmp_path / "metrics.jsonl").write_bytes(torn + b'"}\n{"step": 3}\n')
+    with pytest.raises(RMTError, match=r"metrics.jsonl:2: not a metrics file \(not UTF-8"):
+        read_metrics(tmp_path)
 
 
 # --- the config: no booleans for numbers, no infinities -----------------------------------------------------------

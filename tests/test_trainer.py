@@ -274,6 +274,23 @@ def test_finished_run_is_not_rerun_and_other_config_is_refused(corpus, tmp_path,
         trainer.train(other_lr)  # a missing field reads as its default, which is not 0.5
 
 
+def test_a_start_that_failed_before_its_first_step_does_not_block_the_corrected_one(corpus, tmp_path):
+    """A wrong model.path failed after the run folder took its config: the rerun with the right path was refused as
+    "another config" although the folder held nothing of the failed start."""
+    from rmt.errors import ModelError
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    model = next(o for o in corpus if o.startswith("model.path=")).split("=", 1)[1]
+    (no_weights / "config.json").write_text((Path(model) / "config.json").read_text())
+    with pytest.raises(ModelError):
+        trainer.train(run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2", f"model.path={no_weights}"))
+    run = trainer.train(run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2"))
+    assert (run / "final" / "model.safetensors").is_file()
+    with pytest.raises(CheckpointError, match=r"another config \(differs in model.path\)"):  # now it holds results
+        trainer.train(run_cfg(corpus, tmp_path, "ntp", "train.total_steps=2", f"model.path={no_weights}"))
+
+
 def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
     cfg = run_cfg(corpus, tmp_path, "ntp", "train.total_steps=4", "train.save_every=1", "train.keep_last=3")
     run = trainer.train(cfg)

@@ -148,8 +148,9 @@ def open_run_dir(cfg: RMTConfig, run_dir: Path, stage: str = "train") -> RunLock
     """Create ``run_dir`` or check that the existing one belongs to this config; returns its lock, held.
 
     A folder made with another config (in what ``stage``, "train" or "posttrain", computes) is refused unless
-    ``output.overwrite`` is set: mixing two runs' checkpoints would silently corrupt both. A folder that is not a run folder is refused: nothing the tool did not
-    write is ever deleted. Leftovers of writes interrupted by a kill are removed.
+    ``output.overwrite`` is set: mixing two runs' checkpoints would silently corrupt both (a folder whose run wrote
+    nothing yet takes the new config). A folder that is not a run folder is refused: nothing the tool did not write
+    is ever deleted. Leftovers of writes interrupted by a kill are removed.
     """
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
@@ -196,6 +197,10 @@ def _check_or_reset(cfg: RMTConfig, run_dir: Path, cfg_file: Path, stage: str = 
     except ValueError:
         pass  # a field renamed or removed since: compare what was written
     changed = [d for d in _diff(old, new) if not resumable(old, new, d, stage)]
+    if changed and not any((run_dir / sub).exists() for sub in RUN_OUTPUTS):
+        # a start that failed before its first step (a wrong model path, say) left only its config: nothing to mix
+        log.info("%s holds no results of the run it was made for; starting there with this config", run_dir)
+        return
     if changed and not cfg.output.overwrite:
         names = ", ".join(".".join(d) for d in changed[:6])
         where = "posttrain.output_dir" if stage == "posttrain" else "output.dir"
@@ -257,18 +262,20 @@ class MetricsLog:
 def read_jsonl_rows(path: Path, what: str = "metrics file") -> list[dict]:
     """The JSON objects of a JSONL log, one a line. A torn last line (a kill while appending) is skipped with a
     warning; a damaged line anywhere else is an error naming the file and line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise RMTError(f"{path}: not a {what} (not UTF-8: {e.reason} at byte {e.start})") from None
+    lines = Path(path).read_bytes().splitlines()  # each line decoded alone: a kill can cut a character in two
     rows = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))
             if not isinstance(row, dict):
                 raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except UnicodeDecodeError as e:
+            if all(not rest.strip() for rest in lines[lineno:]):
+                log.warning("%s:%d: skipping a torn last line (the run was killed while writing it)", path, lineno)
+                break
+            raise RMTError(f"{path}:{lineno}: not a {what} (not UTF-8: {e.reason} at byte {e.start} of the line)") from None
         except ValueError as e:
             if all(not rest.strip() for rest in lines[lineno:]):
                 log.warning("%s:%d: skipping a torn last line (the run was killed while writing it)", path, lineno)
