@@ -62,6 +62,9 @@ def test_missing_answer_field_names_file_and_line(tmp_path):
     path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "1"}, {"question": "b", "solution": "2"}])
     with pytest.raises(DataError, match=r"qa\.jsonl:2: no answer field 'answer'.*posttrain\.answer_field"):
         read_questions(path)
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "1"}, {"question": "b", "answer": " "}])
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: field 'answer' is empty: no response could ever be rewarded"):
+        read_questions(path)
 
 
 def test_missing_empty_and_broken_files_are_clear_errors(tmp_path):
@@ -287,6 +290,18 @@ def test_a_post_training_run_resumes_only_with_the_settings_it_was_made_with(war
     else:
         posttrain(resumed)
         assert [r["step"] for r in read_metrics(run) if "reward" in r] == [1, 2]
+
+
+def test_a_folder_of_the_users_is_refused_as_a_post_training_run_folder(warm_model_dir, tmp_path):
+    from rmt.errors import CheckpointError
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _questions(8, 2))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"is not an RMT run folder; choose another posttrain.output_dir"):
+        posttrain(_cfg(warm_model_dir, data, mine, "posttrain.steps=1"))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_another_held_out_file_resumes_a_post_training_run_but_dropping_it_does_not(warm_model_dir, tmp_path):

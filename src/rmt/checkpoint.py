@@ -205,12 +205,23 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+            target.load_state_dict(_safe_torch_load(ckpt / name))
         set_rng_state(state["rng"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: {e}") from None
     return state
+
+
+def _safe_torch_load(path: Path):
+    """``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary pickled objects. A file
+    that does not load that way is named as damaged, without torch's advice to load it unsafely."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path.name} is missing") from None
+    except Exception as e:  # noqa: BLE001 - the message below replaces torch's
+        raise ValueError(f"{path.name} does not load as plain tensors ({type(e).__name__}): damaged, or not written by rmt") from None
 
 
 def load_tensors(ckpt: Path, name: str) -> dict:

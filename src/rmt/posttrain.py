@@ -79,6 +79,8 @@ def _question(record, qfield: str, afield: str, where: str) -> Question:
         raise DataError(f"{where}: field {qfield!r} must be a non-empty string, got {question!r}")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float):
         raise DataError(f"{where}: field {afield!r} must be a string or a number, got {type(answer).__name__}")
+    if not str(answer).strip():
+        raise DataError(f"{where}: field {afield!r} is empty: no response could ever be rewarded for it")
     return Question(question, str(answer), record, where)
 
 

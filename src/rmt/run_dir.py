@@ -154,10 +154,11 @@ def open_run_dir(cfg: RMTConfig, run_dir: Path, stage: str = "train") -> RunLock
     """
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
+    where = "posttrain.output_dir" if stage == "posttrain" else "output.dir"
     if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"output.dir={run_dir} is a file, not a folder; choose another output.dir")
+        raise CheckpointError(f"{where}={run_dir} is a file, not a folder; choose another {where}")
     if run_dir.is_dir() and not cfg_file.is_file() and _foreign_entries(run_dir) and not cfg.output.overwrite:
-        raise CheckpointError(f"{run_dir} exists and is not an RMT run folder; choose another output.dir")
+        raise CheckpointError(f"{run_dir} exists and is not an RMT run folder; choose another {where}")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()
     try:
