@@ -121,3 +121,14 @@ def test_parquet_text_that_is_not_utf8_is_an_error_naming_the_row(tmp_path):
     pq.write_table(pa.table({"text": text, "other": ["a", "b", "c"]}), tmp_path / "c.parquet")
     with pytest.raises(DataError, match=r"c\.parquet: row 2 \(counting from 0\) of column 'text' is not UTF-8 text"):
         list(read_documents(tmp_path / "c.parquet"))
+
+
+def test_a_folder_without_text_files_says_what_it_holds_instead(tmp_path):
+    from rmt.data.readers import read_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"holds no text files .*; for its \.jsonl files give one file as data.path"):
+        list(read_documents(tmp_path))
+    (tmp_path / "a.jsonl").unlink()
+    with pytest.raises(DataError, match=r"holds no text files \([^)]*\)$"):
+        list(read_documents(tmp_path))

@@ -29,7 +29,7 @@ import torch
 
 from rmt.config import PretrainConfig, RMTConfig
 from rmt.errors import CheckpointError, DataError
-from rmt.fileio import atomic_write_text, source_digest
+from rmt.fileio import atomic_write_text, remove_orphans, source_digest, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, tokens: i
 
     ckpt_root = out / CKPT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(ckpt_root)  # checkpoints a kill cut short
     target = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.tmp-", dir=ckpt_root))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=ckpt_root))
     try:
         save_model(model, str(tmp / "model.safetensors"))
         state = {
@@ -239,9 +240,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
     try:
         load_model(model, str(path / "model.safetensors"))
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
     except Exception as e:  # noqa: BLE001 - name the folder
         raise CheckpointError(f"cannot resume from {path}: {e} (delete it to start over)") from None
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=True)  # plain tensors only, never unpickled objects
+    except Exception as e:  # noqa: BLE001 - named, without torch's advice to load it unsafely
+        raise CheckpointError(
+            f"cannot resume from {path}: trainer_state.pt does not load as plain tensors ({type(e).__name__}) "
+            "(delete the checkpoint to start over)"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

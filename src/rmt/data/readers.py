@@ -48,7 +48,9 @@ def _text_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
-        raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+        other = sorted({p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".parquet")})
+        hint = f"; for its {', '.join(other)} files give one file as data.path" if other else ""
+        raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))}){hint}")
     return files
 
 
