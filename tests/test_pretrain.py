@@ -113,10 +113,11 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(math_corpus, tmp_path)
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    cut_short = part / "checkpoints" / fileio.temp_prefix("step-000006").replace(f".{os.getpid()}@", f".{dead.pid}@")
-    cut_short.mkdir()  # a checkpoint a kill interrupted (it used to stay until the run finished)
-    train_base_model(cfg, math_corpus, part, progress=False)
-    assert not cut_short.exists()
+    cut_short = part / "checkpoints" / (fileio.temp_prefix("step-000006").replace(f".{os.getpid()}@", f".{dead.pid}@") + "x1")
+    cut_short.mkdir()  # a checkpoint a kill interrupted (it stayed beside the kept checkpoints)
+    train_base_model(tiny_cfg("pretrain.steps=8", "pretrain.save_every=100", "pretrain.keep_checkpoints=true"), math_corpus,
+                     part, progress=False)
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-000003"]
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # continued from step 3, no step twice
     a, b = _weights(tmp_path / "straight"), _weights(part)

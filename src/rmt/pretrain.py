@@ -205,7 +205,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, tokens: i
 
     ckpt_root = out / CKPT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    remove_orphans(ckpt_root)  # checkpoints a kill cut short
     target = ckpt_root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=ckpt_root))
     try:
@@ -343,6 +342,7 @@ def train_base_model(
 
     texts = read_corpus_texts(corpus, text_field, cfg.data.encoding_errors)
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out / CKPT_DIR)  # checkpoints a kill cut short
     atomic_write_text(out / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     train_idx, held_idx = split_documents(len(texts), pcfg.eval_fraction, pcfg.seed)
     tokenizer = _load_or_train_tokenizer(out, tokenizer_dir, [texts[i] for i in train_idx], pcfg.vocab_size)
