@@ -658,3 +658,18 @@ def test_presets_name_only_options_that_exist():
     for preset in PRESET_DIR.rglob("*.yaml"):
         for option in re.findall(r"rmt config (--[a-z-]+)", preset.read_text()):
             assert option in help_text, (preset.name, option)
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_is_named_in_one_line(tmp_path, tiny_model_dir):
+    from rmt.modeling import load_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"cannot load a tokenizer from '.*empty': the folder holds none of tokenizer.json"):
+        load_tokenizer(str(tmp_path / "empty"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot load a tokenizer from") as caught:
+        load_tokenizer(str(broken))
+    assert "\n" not in str(caught.value)
+    assert load_tokenizer(str(tiny_model_dir)).pad_token_id is not None

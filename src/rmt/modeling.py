@@ -97,14 +97,22 @@ def _bare_name_problem(name: str) -> str | None:
     return None
 
 
+# Files one of which a tokenizer folder holds (fast tokenizers, their config, BPE vocabularies, sentencepiece models).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_local_path(path, "tokenizer")
+    folder = Path(os.path.expanduser(str(path)))
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"cannot load a tokenizer from {path!r}: the folder holds none of {', '.join(TOKENIZER_FILES)}")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - name the path the user gave
-        raise ModelError(f"cannot load a tokenizer from {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - name the path the user gave; the library's first line says why
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {why}") from None
     if tok.pad_token_id is None:
         # Padding is only ever masked out; reuse EOS as the pad token, as most causal LMs do.
         tok.pad_token = tok.eos_token
