@@ -271,6 +271,9 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(warm_m
     ("posttrain.eval_every=1", None),  # evaluation only
     ("budget.gamma=0.9", None),  # a mid-training setting post-training never reads
     ("data.path=elsewhere.jsonl", None),
+    ("train.lr=0.5", None),  # mid-training's: post-training has posttrain.lr
+    ("train.total_steps=7", None),
+    ("posttrain.task_field=kind", None),
 ])
 def test_a_post_training_run_resumes_only_with_the_settings_it_was_made_with(warm_model_dir, tmp_path, change, refused):
     from rmt.errors import CheckpointError

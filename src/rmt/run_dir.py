@@ -34,9 +34,15 @@ RESUMABLE_SECTIONS = {
     "train": {"eval", "posttrain", "preflight"},
     "posttrain": {"data", "scoring", "budget", "curriculum", "reward", "ntp", "eval", "preflight", "pretrain"},
 }
-# Fields that may change between a run and its resumption without changing what the run computes.
+# Fields that may change between a run and its resumption without changing what the run computes (by stage:
+# post-training has its own learning rate and step count, and evaluates as it goes).
 RESUMABLE_CHANGES = {("output", "overwrite"), ("output", "dir"), ("train", "tracker"), ("train", "log_every"), ("train", "sample_every"),
-                     ("train", "save_every"), ("train", "keep_last"), ("posttrain", "eval_every"), ("posttrain", "eval_batch_size")}
+                     ("train", "save_every"), ("train", "keep_last")}
+RESUMABLE_IN_STAGE = {
+    "train": set(),
+    "posttrain": {("train", "lr"), ("train", "total_steps"), ("train", "epochs"), ("posttrain", "eval_every"),
+                  ("posttrain", "eval_batch_size"), ("posttrain", "task_field")},
+}
 
 
 def _diff(a: dict, b: dict, prefix=()) -> list[tuple]:
@@ -174,7 +180,7 @@ def open_run_dir(cfg: RMTConfig, run_dir: Path, stage: str = "train") -> RunLock
 
 def resumable(old: dict, new: dict, path: tuple, stage: str) -> bool:
     """Whether a config field at ``path`` may differ between a run and its resumption in ``stage``."""
-    if path in RESUMABLE_CHANGES or path[0] in RESUMABLE_SECTIONS[stage]:
+    if path in RESUMABLE_CHANGES or path in RESUMABLE_IN_STAGE[stage] or path[0] in RESUMABLE_SECTIONS[stage]:
         return True
     if stage == "posttrain" and path == ("posttrain", "eval_data"):
         # another held-out file leaves the training questions as they were (all of posttrain.data) as long as
