@@ -16,7 +16,9 @@
    post-training split's regular problems (chain_sum, 3-4 one-digit terms) and problems with ``TRANSFER_TERMS``
    terms (the corpus' long problems when ``embedded.long_terms`` is 5: mid-training text holds them plain, the
    base corpus rarely; generated here otherwise). Greedy accuracy on held-out questions of each task before and after,
-   the accuracy-vs-step curve on the transfer task, and paired comparisons of the starts.
+   each run's own accuracy-vs-step curves on both held-out sets, and paired comparisons of the starts after
+   post-training and at the curves' steps in between. ``--posttrain-set KEY=VALUE`` overrides a setting for
+   post-training only (e.g. mid-training with ``grpo.kl_beta=0.1``, post-training with ``grpo.kl_beta=0``).
 
 Sizes: ``presets/demo/paper.yaml``; ``--steps`` and ``--posttrain-steps`` on top; ``--quick`` is a minutes-long
 smoke version of the same pipeline. ``--threads``: torch threads (on a CPU shared with other jobs use 1). Every
