@@ -139,3 +139,17 @@ def test_a_failed_write_keeps_the_earlier_report(runs, tmp_path, monkeypatch):
     assert e.value.filename == str(path)
     assert path.read_text() == before
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_a_report_md_of_the_users_is_never_written_over(runs, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("# my own report\n")
+    from rmt.errors import RMTError
+
+    with pytest.raises(RMTError, match="report .*report.md exists and is not a file rmt wrote"):
+        report.write_report(runs, out)
+    assert (out / "report.md").read_text() == "# my own report\n" and sorted(p.name for p in out.iterdir()) == ["report.md"]
+    (out / "report.md").unlink()
+    first = report.write_report(runs, out).read_text()
+    assert report.write_report(runs, out).read_text() == first  # its own report is replaced by a rerun

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 from rmt.errors import RMTError
-from rmt.fileio import atomic_write_text
+from rmt.fileio import atomic_write_text, check_replaceable
 from rmt.run_dir import read_metrics
 
 TIERS = ("easy", "medium", "hard")
+REPORT_TITLE = "# RMT report"  # the first line of every report.md written here
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -221,8 +222,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, evaluation: st
     eval_data = read_evaluation(evaluation) if evaluation else None
     if out.exists() and not out.is_dir():
         raise RMTError(f"--out {out} is a file; give a folder for the report")
+    # a rerun replaces its own report; a report.md of the user's in that folder is never written over
+    check_replaceable(out / "report.md", "report", lambda text: text.startswith(REPORT_TITLE + "\n"))
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# RMT report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
+    lines = [REPORT_TITLE, "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
     if eval_data:
         lines += ["## Next-token accuracy by tier", "", eval_data.get("table_markdown", ""), ""]
         if _save(accuracy_figure(eval_data), out / "accuracy_by_tier.png"):
