@@ -113,3 +113,27 @@ def test_learning_rate_is_the_same_for_one_and_two_processes(corpus, tmp_path, s
     if schedule == "cosine":
         launch(1, *run_args(base, tmp_path / "one", "ntp", *extra))
         assert [r["lr"] / 1e-3 for r in read_metrics(tmp_path / "one")] == two
+
+
+def parity_verifier(prediction, answer, record) -> float:
+    """Right exactly on the questions with an even id, whatever the model says: the answers' order shows."""
+    return float(record["id"] % 2 == 0)
+
+
+def test_post_training_evaluation_keeps_the_questions_order_over_processes(tiny_model_dir, tmp_path, monkeypatch):
+    """Each process answers every world-th question; the gathered answers are put back in the file's order, so the
+    per-question results (and the per-task summaries) of a 2-process run are in the order of the questions."""
+    questions = [{"question": f"{i}+1=", "answer": str(i + 1), "id": i, "task": "ab"[i % 3 == 0]} for i in range(12)]
+    for name, rows in (("train", questions[:8]), ("held", questions)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    launch(2, "posttrain", f"model.path={tiny_model_dir}", f"posttrain.data={tmp_path / 'train.jsonl'}",
+           f"posttrain.eval_data={tmp_path / 'held.jsonl'}", "posttrain.verifier=test_distributed:parity_verifier",
+           "posttrain.steps=1", "posttrain.questions_per_step=2", "rollout.group_size=2", "posttrain.max_response_tokens=4",
+           f"posttrain.output_dir={tmp_path / 'run'}")
+    before = json.loads((tmp_path / "run" / "eval.json").read_text())["before"]
+    assert before["correct"] == [int(i % 2 == 0) for i in range(12)]  # gathered as is: the evens first, then the odds
+    for task in "ab":
+        ids = [i for i in range(12) if "ab"[i % 3 == 0] == task]
+        assert before["by_task"][task]["n"] == len(ids)
+        assert before["by_task"][task]["accuracy"] == sum(i % 2 == 0 for i in ids) / len(ids)
