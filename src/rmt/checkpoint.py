@@ -125,8 +125,6 @@ def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = 
 
 def model_folder_problem(folder: Path) -> str | None:
     """None when ``folder`` is a complete model written by ``save_model_folder``; else what is wrong with it."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     if not folder.is_dir():
         return "it does not exist"
@@ -142,7 +140,14 @@ def model_folder_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes instead of {size}"
-    for path in sorted(folder.glob("*.safetensors")):
+    return unreadable_shard(sorted(folder.glob("*.safetensors")))
+
+
+def unreadable_shard(paths: list[Path]) -> str | None:
+    """What is wrong with the first safetensors file of ``paths`` whose header does not read (a truncated copy)."""
+    from safetensors import safe_open
+
+    for path in paths:
         try:
             with safe_open(str(path), framework="pt") as f:
                 list(f.keys())
@@ -156,8 +161,6 @@ def weights_problem(folder: str | Path) -> str | None:
     a folder, no weights, a safetensors file whose header does not read (a truncated copy), or what
     ``model_folder_problem`` finds in a folder the tools wrote. None when they read, or for a name that is no local
     path (a hub model, checked when it loads)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     if folder.is_file():
         return "it is a file, not a model folder"
@@ -168,13 +171,7 @@ def weights_problem(folder: str | Path) -> str | None:
     shards = sorted(folder.glob("*.safetensors"))
     if not shards and not any(folder.glob("*.bin")):
         return "it holds no weights (no *.safetensors file)"
-    for path in shards:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                list(f.keys())
-        except Exception as e:  # noqa: BLE001 - the library's error, named
-            return f"{path.name} is unreadable ({e})"
-    return None
+    return unreadable_shard(shards)
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -51,7 +51,7 @@ import torch
 
 from rmt.config import RMTConfig
 from rmt.errors import DataError, ModelError
-from rmt.fileio import atomic_write_text, remove_orphans
+from rmt.fileio import atomic_write_text, read_json_object, remove_orphans
 from rmt.stats import accuracy_stats, mean_of, pass_at_k, pass_ks, relative_change
 from rmt.tiers import RL_TIERS, TIER_NAMES
 
@@ -117,14 +117,9 @@ def _split_digest(ds) -> str:
 def eval_set_identity(cfg: RMTConfig, ds) -> dict:
     prepared = Path(cfg.data.prepared_dir)
     summary_path = prepared / "scores" / "summary.json"
-    summary = {}
-    if summary_path.is_file():
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:
-            raise DataError(f"{summary_path} is damaged ({e}); run `rmt score` again, which writes it anew") from None
-        if not isinstance(summary, dict):
-            raise DataError(f"{summary_path} is damaged (not a JSON object); run `rmt score` again, which writes it anew")
+    summary = read_json_object(summary_path) if summary_path.is_file() else {}
+    if summary is None:
+        raise DataError(f"{summary_path} is damaged (not a JSON object); run `rmt score` again, which writes it anew")
     return {
         "format": EVAL_SET_FORMAT,
         "positions_per_tier": cfg.eval.positions_per_tier,

@@ -197,6 +197,16 @@ def check_replaceable(path: str | Path, what: str, ours) -> None:
         raise RMTError(f"{what} {path} exists and is not a file rmt wrote; choose another path (the file is left as it is)")
 
 
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object (each caller
+    says what that means for its own file)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def json_object_with(text: str, *keys: str) -> bool:
     """Whether ``text`` is a JSON object holding every one of ``keys`` (how the tools recognise their own results)."""
     value = json.loads(text)

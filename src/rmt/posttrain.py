@@ -39,7 +39,7 @@ from rmt import collect, losses
 from rmt.checkpoint import list_checkpoints, load_checkpoint, model_folder_problem
 from rmt.config import PromptConfig, RMTConfig
 from rmt.errors import DataError, ModelError, TrainingError
-from rmt.fileio import atomic_write_text
+from rmt.fileio import atomic_write_text, read_json_object
 from rmt.prompts import ParsedResponse, parse_response
 from rmt.rollout import Group, Response, StopRule
 from rmt.stats import wilson_interval
@@ -591,11 +591,7 @@ def _read_eval_file(path: Path) -> dict:
     started afresh with a warning rather than stopping the run."""
     if not path.is_file():
         return {}
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(results, dict):
-            return results
-    except (ValueError, OSError):
-        pass
-    log.warning("%s is damaged; writing it afresh", path)
-    return {}
+    results = read_json_object(path)
+    if results is None:
+        log.warning("%s is damaged; writing it afresh", path)
+    return results or {}

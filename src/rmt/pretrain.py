@@ -29,7 +29,7 @@ import torch
 
 from rmt.config import PretrainConfig, RMTConfig
 from rmt.errors import CheckpointError, DataError
-from rmt.fileio import atomic_write_text, remove_orphans, source_digest, temp_prefix
+from rmt.fileio import atomic_write_text, read_json_object, remove_orphans, source_digest, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -275,12 +275,9 @@ def _run_identity(pcfg: PretrainConfig, corpus: Path, tokenizer_dir: Path | None
 
 def _read_record(path: Path, remedy: str) -> dict:
     """One of the run's own JSON records (written atomically, so damaged only by hand): CheckpointError naming it."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(record, dict):
-            return record
-    except (ValueError, OSError):
-        pass
+    record = read_json_object(path)
+    if record is not None:
+        return record
     raise CheckpointError(f"{path} is damaged (not the JSON record pretraining wrote); {remedy}")
 
 
