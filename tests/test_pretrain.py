@@ -334,3 +334,13 @@ def test_probes_run_on_a_tiny_model(math_corpus, tmp_path, capsys):
     n_computed = sum(b - a for d in corpus["eval"] for a, b in d["computed_spans"])  # one token per character here
     assert ntp["tokens"] == sum(len(d["text"]) + 1 for d in corpus["eval"]) and n_computed > 0
     assert 0 <= ntp["computed_accuracy"] <= 1 and ntp["loss"] > 0
+
+
+def test_a_damaged_trainer_state_is_named_without_unsafe_advice(math_corpus, tmp_path):
+    cfg = tiny_cfg("pretrain.steps=4", "pretrain.save_every=100")
+    out = tmp_path / "base"
+    train_base_model(cfg, math_corpus, out, stop_at=2, progress=False)
+    (out / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="trainer_state.pt does not load as plain tensors") as caught:
+        train_base_model(cfg, math_corpus, out, progress=False)
+    assert "weights_only=False" not in str(caught.value)

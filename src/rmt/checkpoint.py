@@ -203,14 +203,14 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
         if missing or unexpected:
             raise ValueError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
         for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
-            target.load_state_dict(_safe_torch_load(ckpt / name))
+            target.load_state_dict(safe_torch_load(ckpt / name))
         set_rng_state(state["rng"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ckpt} is corrupt or partial: {e}") from None
     return state
 
 
-def _safe_torch_load(path: Path):
+def safe_torch_load(path: Path):
     """``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary pickled objects. A file
     that does not load that way is named as damaged, without torch's advice to load it unsafely."""
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rmt.checkpoint import safe_torch_load
 from rmt.config import PretrainConfig, RMTConfig
 from rmt.errors import CheckpointError, DataError
 from rmt.fileio import atomic_write_text, read_json_object, remove_orphans, source_digest, temp_prefix
@@ -242,12 +243,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     except Exception as e:  # noqa: BLE001 - name the folder
         raise CheckpointError(f"cannot resume from {path}: {e} (delete it to start over)") from None
     try:
-        state = torch.load(path / "trainer_state.pt", weights_only=True)  # plain tensors only, never unpickled objects
-    except Exception as e:  # noqa: BLE001 - named, without torch's advice to load it unsafely
-        raise CheckpointError(
-            f"cannot resume from {path}: trainer_state.pt does not load as plain tensors ({type(e).__name__}) "
-            "(delete the checkpoint to start over)"
-        ) from None
+        state = safe_torch_load(path / "trainer_state.pt")
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"cannot resume from {path}: {e} (delete the checkpoint to start over)") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -29,7 +29,7 @@ import torch
 
 from rmt.config import RMTConfig, ScoringConfig
 from rmt.errors import DataError, ModelError
-from rmt.fileio import atomic_write_text, remove_orphans, swap_into_place, temp_prefix
+from rmt.fileio import atomic_write_text, read_json_object, remove_orphans, swap_into_place, temp_prefix
 from rmt.tiers import EASY, HARD, MEDIUM, NTP_ONLY, RL_TIERS, TIER_NAMES
 
 log = logging.getLogger(__name__)
@@ -366,13 +366,10 @@ def _recorded_scorer(scores_dir: Path, identity: dict) -> dict | None:
     id_path = scores_dir / "scorer.json"
     if not id_path.is_file():
         return None
-    with contextlib.suppress(OSError, ValueError):
-        recorded = json.loads(id_path.read_text(encoding="utf-8"))
-        if isinstance(recorded, dict):
-            return recorded
-    vouched = False
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        vouched = json.loads((scores_dir / TIERS_FILE).read_text(encoding="utf-8")).get("scorer") == identity
+    recorded = read_json_object(id_path)
+    if recorded is not None:
+        return recorded
+    vouched = (read_json_object(scores_dir / TIERS_FILE) or {}).get("scorer") == identity
     if vouched or not any(scores_dir.glob("*/shard-*")):
         log.warning("%s is damaged; no scores of another scorer depend on it, so it is written again", id_path)
         return None
