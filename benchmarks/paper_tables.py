@@ -386,9 +386,6 @@ def posttrain_stage(args, seed: int, files: dict[str, Path]) -> dict:
     return out
 
 
-CURVE_TASKS = {"regular": "eval_indist", "transfer": "eval_transfer"}  # eval_curve's task labels -> held-out set
-
-
 def run_curves(curve: dict) -> dict:
     """A post-training run's own evaluations by step: "curve" = transfer-task accuracy by step, and, when the run
     evaluated both held-out sets (eval_curve, a summary per task), "curve_indist" and the per-question results of
@@ -397,7 +394,7 @@ def run_curves(curve: dict) -> dict:
     steps = {int(k): v for k, v in curve.items()}
     if not all("by_task" in v for v in steps.values()) or not steps:
         return {"curve": {k: v["accuracy"] for k, v in steps.items()}}
-    correct = {name: {} for name in CURVE_TASKS.values()}
+    correct = {"eval_indist": {}, "eval_transfer": {}}
     for k, v in steps.items():
         n_indist = v["by_task"]["regular"]["n"]  # eval_curve holds the in-distribution questions first
         correct["eval_indist"][k], correct["eval_transfer"][k] = v["correct"][:n_indist], v["correct"][n_indist:]
@@ -431,7 +428,7 @@ def curve_steps(post: dict) -> list[int]:
     rows = [r for by_start in post.values() for r in by_start.values()]
     if not rows or not all("curve_correct" in r for r in rows):
         return []
-    return sorted(set.intersection(*(set(map(int, r["curve_correct"]["eval_indist"])) for r in rows)))
+    return sorted(set.intersection(*(set(r["curve_correct"]["eval_indist"]) for r in rows)))
 
 
 def curve_comparisons(args, post: dict) -> list[dict]:
@@ -447,15 +444,10 @@ def curve_comparisons(args, post: dict) -> list[dict]:
             if a not in starts or b not in starts:
                 continue
             for task in ("eval_transfer", "eval_indist"):
-                sa, sb = (np.array([curve_at(post[s][x]["curve_correct"][task], step) for s in seeds], dtype=np.float64) for x in (a, b))
+                sa, sb = (np.array([post[s][x]["curve_correct"][task][step] for s in seeds], dtype=np.float64) for x in (a, b))
                 out.append({"comparison": f"{a} start vs {b} start", "task": task, "step": step,
                             **paired_bootstrap(sa, sb, n_boot=args.bootstrap)})
     return out
-
-
-def curve_at(curve: dict, step: int):
-    """A curve's entry at ``step`` (its keys are ints in a run, strings once read back from JSON)."""
-    return curve[step] if step in curve else curve[str(step)]
 
 
 def plot_curves(args, post: dict) -> Path | None:
@@ -620,7 +612,7 @@ def curve_table(post: dict) -> str:
     lines = ["| Start | Task | " + " | ".join(f"step {k}" for k in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for task, label in (("eval_indist", "3-4 terms"), ("eval_transfer", f"{TRANSFER_TERMS} terms")):
         for start in starts:
-            cells = [seed_cell([float(np.mean(curve_at(post[s][start]["curve_correct"][task], k))) for s in seeds]) for k in steps]
+            cells = [seed_cell([float(np.mean(post[s][start]["curve_correct"][task][k])) for s in seeds]) for k in steps]
             lines.append(f"| {start} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

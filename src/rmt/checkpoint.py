@@ -157,13 +157,11 @@ def unreadable_shard(paths: list[Path]) -> str | None:
 
 
 def weights_problem(folder: str | Path) -> str | None:
-    """What keeps a local model folder's weights from loading, found without loading them: a file named instead of
-    a folder, no weights, a safetensors file whose header does not read (a truncated copy), or what
-    ``model_folder_problem`` finds in a folder the tools wrote. None when they read, or for a name that is no local
-    path (a hub model, checked when it loads)."""
+    """What keeps a local model folder's weights from loading, found without loading them: no weights, a
+    safetensors file whose header does not read (a truncated copy), or what ``model_folder_problem`` finds in a
+    folder the tools wrote. None when they read, or for a name that is no local folder (a hub model, checked when it
+    loads; a file is refused by ``modeling.check_local_path``)."""
     folder = Path(folder)
-    if folder.is_file():
-        return "it is a file, not a model folder"
     if not folder.is_dir():
         return None
     if (folder / MANIFEST_FILE).is_file():
